@@ -41,8 +41,12 @@ class SenderConfig:
     default_region: str = "US"
     timezone: str = "UTC"
     footer: str = "Reply STOP to opt out."
-    help_reply: str = "{name}: order and delivery updates. Reply STOP to opt out. Msg&data rates may apply."
-    stop_reply: str = "{name}: you are unsubscribed and will get no more messages. Reply START to resubscribe."
+    help_reply: str = (
+        "{name}: order and delivery updates. Reply STOP to opt out. Msg&data rates may apply."
+    )
+    stop_reply: str = (
+        "{name}: you are unsubscribed and will get no more messages. Reply START to resubscribe."
+    )
     start_reply: str = "{name}: you are subscribed again. Reply HELP for help, STOP to opt out."
 
 

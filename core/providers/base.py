@@ -63,5 +63,5 @@ class Provider(ABC):
             return None
         return f"{self.public_url}/webhooks/providers/{self.name}/status"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release connections."""
