@@ -5,10 +5,34 @@ The section and key names are a contract (DESIGN.md); add keys freely, rename no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import time as dtime
+from functools import partial
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
+
+import phonenumbers
+from cryptography.fernet import Fernet
+from marshmallow import (
+    INCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
+
+from txsms.core.errors import ConfigError
+from txsms.core.events import CATEGORIES, MESSAGE_KINDS
+from txsms.core.providers import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -102,3 +126,382 @@ class Config:
     shopify: dict[str, Any] = field(default_factory=dict)
     woocommerce: dict[str, Any] = field(default_factory=dict)
     crm: tuple[dict[str, Any], ...] = ()
+
+
+# --- Checks and conversions, one per rule. Converters return the stored value; all raise
+# ValidationError with a message written for the person editing the file.
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _one_of(choices: Any, what: str) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ValidationError(f"unknown {what} '{value}'{_suggest(value, choices)}")
+
+    return check
+
+
+def _db_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgres", "postgresql"):  # SQLAlchemy would pick psycopg2 for these
+        return f"postgresql+psycopg://{rest}"
+    if url.startswith(("sqlite:", "postgresql+")):
+        return url
+    raise ValidationError("expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+
+
+def _must(test: Callable[[str], object], problem: str) -> Callable[[str], None]:
+    """A validator: `test(value)` must not raise. The libraries' own checks are the truth."""
+
+    def check(value: str) -> None:
+        try:
+            test(value)
+        except Exception:  # each library raises its own kinds; any of them means "invalid"
+            raise ValidationError(problem) from None
+
+    return check
+
+
+def _quiet_hours(text: str) -> tuple[dtime, dtime]:
+    match = re.fullmatch(r"(\d\d?):(\d\d)\s*-\s*(\d\d?):(\d\d)", text.strip())
+    try:
+        h1, m1, h2, m2 = (int(g) for g in match.groups())  # type: ignore[union-attr]
+        start, end = dtime(h1, m1), dtime(h2, m2)
+    except (AttributeError, ValueError):  # no match, or 25:00
+        raise ValidationError('expected "HH:MM-HH:MM", e.g. "21:00-08:00"') from None
+    if start == end:
+        raise ValidationError("start and end are the same; leave quiet_hours out for none")
+    return start, end
+
+
+class Text(fields.String):
+    """A string, normalised by `convert` before any validator runs."""
+
+    def __init__(self, convert: Callable[[str], Any] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.convert = convert
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        return self.convert(text) if self.convert else text
+
+
+class Secrets(fields.Field):
+    """One secret, or several while a rotation is under way; stored as a list."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not (isinstance(items, list) and items and all(isinstance(s, str) and s for s in items)):
+            raise ValidationError("expected a secret or a list of secrets (non-empty strings)")
+        return list(items)
+
+
+def _url(**kwargs: Any) -> Text:
+    # Paths get appended to these later: strip the slash so there is one, never two.
+    error = "expected an http(s) URL such as 'https://sms.example.com'"
+    check = validate.URL(schemes={"http", "https"}, require_tld=False, error=error)
+    return Text(lambda url: url.rstrip("/"), validate=check, **kwargs)
+
+
+def _int(low: int, high: int | None = None) -> fields.Integer:
+    return fields.Integer(validate=validate.Range(min=low, max=high))
+
+
+def _positive() -> fields.Float:
+    return fields.Float(validate=validate.Range(min=0, min_inclusive=False))
+
+
+def _secret16() -> Text:  # API tokens, index key: short ones can be guessed
+    return Text(validate=validate.Length(min=16, error="must be at least {min} characters long"))
+
+
+_locale = partial(
+    Text,
+    lambda tag: tag.replace("_", "-"),  # pt_BR as Babel writes it, pt-BR as browsers do
+    validate=validate.Regexp(
+        r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*\Z", error="not a locale: '{input}'"
+    ),
+)
+_reply = _must(lambda text: text.format(name=""), "may use only {name} ({{ and }} for braces)")
+_HOST = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+\Z"
+
+
+# --- Schemas, one per section. Absent keys stay absent, so the dataclass defaults apply.
+
+
+class _Section(Schema):
+    class Meta:
+        unknown = RAISE
+
+    builds: Any = None  # the dataclass made from the section; None: a plain dict
+    noun = "key"  # what an unknown key is called in its error
+    unique: tuple[str, str] | None = None  # (list, key): webhooks pick shops and stores by it
+
+    @validates_schema
+    def _check_unique(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not self.unique:
+            return
+        items, key = data.get(self.unique[0], []), self.unique[1]
+        values = [item.get(key) for item in items]
+        errors = {
+            i: {key: [f"duplicate {key} '{v}'"]} for i, v in enumerate(values) if v in values[:i]
+        }
+        if errors:
+            raise ValidationError({self.unique[0]: errors})
+
+    @post_load
+    def _build(self, data: dict[str, Any], **kwargs: Any) -> Any:
+        if self.builds is None:  # a plain dict, keyed as in the file
+            return {getattr(self.fields.get(k), "data_key", None) or k: v for k, v in data.items()}
+        return self.builds(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def handle_error(self, error: ValidationError, data: Any, **kwargs: Any) -> None:
+        # Marshmallow says "Unknown field."; the usual cause is a typo, so name the nearest key.
+        known = [f.data_key or name for name, f in self.fields.items()]
+        for key, messages in error.messages_dict.items():
+            if messages == [self.error_messages["unknown"]]:
+                error.messages_dict[key] = [f"unknown {self.noun}{_suggest(str(key), known)}"]
+
+
+class ServerSchema(_Section):
+    builds = ServerConfig
+    host = fields.String()
+    port = _int(1, 65535)
+    public_url = _url()
+    max_body_bytes = _int(1024)
+    threads = _int(1, 256)
+
+
+class StorageSchema(_Section):
+    builds = StorageConfig
+    url = Text(_db_url)
+    data_dir = fields.String()  # a relative path is resolved by the caller, against the CWD
+    sqlite_synchronous = Text(
+        str.upper, validate=validate.OneOf(("OFF", "NORMAL", "FULL", "EXTRA"))
+    )
+
+
+class SecuritySchema(_Section):
+    builds = SecurityConfig
+    keys = fields.List(
+        Text(validate=_must(Fernet, "not a valid Fernet key (make one with 'txsms keygen')"))
+    )
+    index_key = _secret16()
+    api_tokens = fields.List(_secret16())
+    retention_days = _int(1)
+
+
+class SenderSchema(_Section):
+    builds = SenderConfig
+    name = fields.String()
+    default_region = Text(str.upper, validate=_one_of(phonenumbers.SUPPORTED_REGIONS, "region"))
+    timezone = Text(validate=_must(ZoneInfo, "unknown time zone (e.g. 'America/New_York')"))
+    footer = fields.String()
+    # Formatted with name= only: a stray {field} fails here, not at the first STOP.
+    help_reply = Text(validate=_reply)
+    stop_reply = Text(validate=_reply)
+    start_reply = Text(validate=_reply)
+
+
+class ProviderSchema(_Section):
+    builds = ProviderConfig
+    kind = Text(validate=_one_of(REGISTRY, "provider kind"))
+    base_url = _url()
+    account_sid = fields.String()
+    auth_token = fields.String()
+    from_ = fields.String(data_key="from")  # `from` is a Python keyword
+    messaging_service_sid = fields.String()
+    rate_per_second = _positive()
+    timeout_seconds = _positive()
+
+    @validates_schema
+    def _twilio(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("kind") != "twilio":
+            return
+        needed = 'required when kind = "twilio"'
+        errors = {k: [needed] for k in ("account_sid", "auth_token") if not data.get(k)}
+        if not (data.get("from_") or data.get("messaging_service_sid")):
+            errors["from"] = [f'"from" or "messaging_service_sid" is {needed}']
+        if errors:
+            raise ValidationError(errors)
+
+
+class PolicySchema(_Section):
+    builds = PolicyConfig
+    quiet_hours = Text(_quiet_hours)
+    max_per_day = _int(1)
+
+
+class WorkerSchema(_Section):
+    builds = WorkerConfig
+    lease_seconds = _positive()
+    poll_seconds = _positive()
+    concurrency = _int(1, 64)
+    max_attempts = _int(1)
+    backoff_base_seconds = _positive()
+    backoff_max_seconds = _positive()
+    unknown_grace_seconds = _positive()
+
+
+class TemplateSchema(_Section):
+    builds = TemplateConfig
+    body = fields.String()  # Jinja compiles it elsewhere, at start-up
+    urgent = fields.Boolean()
+    category = Text(validate=_one_of(CATEGORIES, "category"))
+    locales = fields.Dict(keys=_locale(), values=fields.String())
+
+
+# One field per kind, so a misspelt kind is an unknown key and gets a suggestion. Attribute
+# names must not hold dots (marshmallow reads those as paths), hence data_key.
+TemplatesSchema = type(
+    "TemplatesSchema",
+    (_Section,),
+    {
+        "noun": "event kind",
+        **{k.replace(".", "_"): fields.Nested(TemplateSchema, data_key=k) for k in MESSAGE_KINDS},
+    },
+)
+
+
+class ShopSchema(_Section):
+    domain = Text(
+        str.lower,
+        required=True,
+        validate=validate.Regexp(
+            _HOST, error="expected a host name such as 'my-shop.myshopify.com'"
+        ),
+    )
+    secret = Secrets(required=True)
+    access_token = fields.String()
+    name = fields.String()
+    send_test_orders = fields.Boolean(load_default=False)
+    locale = _locale()
+
+
+class ShopifySchema(_Section):
+    unique = ("shops", "domain")
+    shops = fields.List(fields.Nested(ShopSchema), load_default=list)
+
+
+class StoreSchema(_Section):
+    url = _url(required=True)
+    secret = Secrets(required=True)
+    consumer_key = fields.String()
+    consumer_secret = fields.String()
+    name = fields.String()
+    locale = _locale()
+    status_events = fields.Dict(keys=fields.String(), values=fields.String())  # "": ignore it
+    reconcile_minutes = _int(1)
+
+
+class WooCommerceSchema(_Section):
+    unique = ("stores", "url")
+    stores = fields.List(fields.Nested(StoreSchema), load_default=list)
+
+
+class CrmSchema(_Section):
+    class Meta:
+        unknown = INCLUDE  # each kind's own keys, checked by its connector for now
+
+    # The name goes into event sources (`crm:<name>`) and poller cursors: keep it plain.
+    name = Text(required=True, validate=validate.Regexp(r"[a-z0-9_-]+\Z", error="use a-z 0-9 _ -"))
+    kind = Text(required=True, validate=_one_of(("hubspot", "http"), "CRM kind"))
+
+
+class ConfigSchema(_Section):
+    builds = Config
+    noun = "section"
+    unique = ("crm", "name")
+    server = fields.Nested(ServerSchema)
+    storage = fields.Nested(StorageSchema)
+    security = fields.Nested(SecuritySchema)
+    sender = fields.Nested(SenderSchema)
+    provider = fields.Nested(ProviderSchema)
+    policy = fields.Nested(PolicySchema)
+    worker = fields.Nested(WorkerSchema)
+    templates = fields.Nested(TemplatesSchema)
+    shopify = fields.Nested(ShopifySchema)
+    woocommerce = fields.Nested(WooCommerceSchema)
+    crm = fields.List(fields.Nested(CrmSchema))
+
+
+# --- Loading
+
+
+def _substitute(value: Any, environ: Mapping[str, str], key: str, file: str) -> Any:
+    """Replace ${VAR} and ${VAR:-default} (the default also when VAR is empty, as in a shell)."""
+    if isinstance(value, dict):
+        return {
+            k: _substitute(v, environ, f"{key}.{k}" if key else k, file) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_substitute(v, environ, f"{key}.{i}", file) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match[str]) -> str:
+        name, default = match.groups()
+        found = environ.get(name)
+        if default is not None and not found:
+            return default
+        if found is None:
+            raise ConfigError(f"environment variable {name} is not set", key=key, file=file)
+        return found
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", lookup, value)
+
+
+def _flatten(messages: Any, path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Marshmallow's nested messages as (dotted key, problem) pairs."""
+    if isinstance(messages, dict):
+        return [
+            pair
+            for k, v in messages.items()
+            for pair in _flatten(v, path if k == "_schema" else (*path, str(k)))
+        ]
+    if isinstance(messages, list):
+        return [pair for m in messages for pair in _flatten(m, path)]
+    return [(".".join(path), str(messages))]
+
+
+def _key_order(problem: tuple[str, str]) -> list[tuple[int, int, str]]:
+    # Numeric parts sort as numbers: shops.2 before shops.10.
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in problem[0].split(".")]
+
+
+def config_from_mapping(
+    data: dict[str, Any], *, file: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate parsed configuration. Raises ConfigError for the first problem by key, with
+    every (key, problem) found in `.all_errors` (for `txsms check-config`)."""
+    data = _substitute(data, os.environ if environ is None else environ, "", file)
+    try:
+        return ConfigSchema().load(data)
+    except ValidationError as exc:
+        problems = sorted(_flatten(exc.messages), key=_key_order)
+        error = ConfigError(problems[0][1], key=problems[0][0] or None, file=file)
+        error.all_errors = problems  # type: ignore[attr-defined]
+        raise error from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read and validate the TOML file at `path`, else at $TXSMS_CONFIG."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("TXSMS_CONFIG") or None
+    if path is None:
+        raise ConfigError("no configuration: pass --config PATH or set TXSMS_CONFIG")
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=file) from None
+    return replace(config_from_mapping(data, file=file, environ=environ), path=Path(file))

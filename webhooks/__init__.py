@@ -1,1 +1,64 @@
-"""txsms."""
+"""The Flask receiver: `create_app()` is the WSGI entry point.
+
+    gunicorn 'txsms.webhooks:create_app()'      # reads TXSMS_CONFIG
+
+Views read the raw body, hand it to a connector or the event API's schema, pass the resulting
+Events to the core, and answer once the core has committed them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from txsms.core.config import Config, load_config
+from txsms.core.metrics import WEBHOOKS
+from txsms.core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    config: Config | str | os.PathLike | None = None, *, runtime: Runtime | None = None
+) -> Flask:
+    if runtime is None:
+        if not isinstance(config, Config):
+            config = load_config(config)
+        runtime = Runtime(config)
+        runtime.prepare_database()
+    # Paths are explicit: "txsms" is a namespace package, which Flask cannot locate.
+    app = Flask(
+        __name__,
+        root_path=os.path.dirname(__file__),
+        instance_path=os.path.abspath(runtime.config.storage.data_dir),
+    )
+    app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
+    app.extensions["txsms"] = runtime
+
+    from txsms.webhooks import api, health
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        # Never a traceback to the caller; the log has it (without payloads).
+        log.exception("unhandled error")
+        return jsonify(error="internal error"), 500
+
+    @app.after_request
+    def _count(response):
+        from flask import request
+
+        if request.url_rule is not None:
+            WEBHOOKS.labels(request.url_rule.rule, str(response.status_code)).inc()
+        return response
+
+    return app

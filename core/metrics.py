@@ -1,0 +1,15 @@
+"""Prometheus metrics. Labels stay low-cardinality: platform, never a shop or a number."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+EVENTS = Counter("txsms_events_total", "Events received", ["platform", "kind", "result"])
+DECISIONS = Counter("txsms_decisions_total", "Message decisions at ingest", ["status", "reason"])
+SENDS = Counter("txsms_sends_total", "Provider send attempts", ["provider", "outcome"])
+SEND_SECONDS = Histogram("txsms_send_seconds", "Provider request time", ["provider"])
+WEBHOOKS = Counter("txsms_http_requests_total", "Requests answered", ["route", "status"])
+
+
+def platform_of(source: str) -> str:
+    return source.split(":", 1)[0]

@@ -1,0 +1,82 @@
+"""The outbox: message rows are the queue; claims are leases.
+
+A row moves pending/deferred → sending (claimed, leased) → in flight (committed just before
+the provider request) → sent | failed | skipped | unknown, or back to pending with a later
+`send_at` for a retry. A worker that dies releases its claims when the lease ends; a claim that
+was in flight becomes `unknown` instead, because the provider may have the message already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import Connection, Row, and_, or_, select
+
+from txsms.core.storage import messages
+
+CLAIMABLE = ("pending", "deferred")
+
+
+def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequence[Row]:
+    now = time.time()
+    ready = or_(
+        and_(messages.c.status.in_(CLAIMABLE), messages.c.send_at <= now),
+        # A claim whose worker died before the request left: safe to take over.
+        and_(
+            messages.c.status == "sending",
+            messages.c.lease_until < now,
+            messages.c.in_flight.is_(False),
+        ),
+    )
+    query = select(messages.c.id).where(ready).order_by(messages.c.send_at).limit(limit)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = [r[0] for r in conn.execute(query)]
+    if not ids:
+        return []
+    conn.execute(
+        messages.update()
+        .where(messages.c.id.in_(ids))
+        .values(
+            status="sending",
+            reason=None,
+            lease_until=now + lease,
+            claimed_by=worker_id,
+            in_flight=False,
+            attempts=messages.c.attempts + 1,
+            updated_at=now,
+        )
+    )
+    return conn.execute(
+        select(messages).where(messages.c.id.in_(ids)).order_by(messages.c.send_at)
+    ).all()
+
+
+def update(conn: Connection, message_id: str, **values) -> None:
+    values.setdefault("updated_at", time.time())
+    conn.execute(messages.update().where(messages.c.id == message_id).values(**values))
+
+
+def sweep_interrupted(conn: Connection) -> int:
+    """Claims whose lease ran out while the request was in flight: the outcome is unknown."""
+    now = time.time()
+    return conn.execute(
+        messages.update()
+        .where(
+            messages.c.status == "sending",
+            messages.c.in_flight.is_(True),
+            messages.c.lease_until < now,
+        )
+        .values(status="unknown", reason="interrupted", in_flight=False, updated_at=now)
+    ).rowcount
+
+
+def purge_bodies(conn: Connection, retention_days: int) -> int:
+    """Drop message bodies past the retention period; the decision record stays."""
+    cutoff = time.time() - retention_days * 86400
+    return conn.execute(
+        messages.update()
+        .where(messages.c.finished_at < cutoff, messages.c.body_enc.is_not(None))
+        .values(body_enc=None)
+    ).rowcount

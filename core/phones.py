@@ -1,0 +1,75 @@
+"""Phone numbers: parse, validate, format, and find the number's time zones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import PhoneNumberFormat, PhoneNumberType
+from phonenumbers import timezone as pn_timezone
+
+# More zones than this means the prefix tells us nothing useful (toll-free +1 800 gives ~40;
+# +44 7911 gives four that share one clock, so the cut-off is not lower).
+MAX_USEFUL_ZONES = 6
+
+
+@dataclass(frozen=True)
+class Phone:
+    e164: str
+    region: str | None
+    zones: tuple[str, ...]  # empty: unknown, use the sender's zone
+    kind: str  # "mobile", "fixed_line", "fixed_line_or_mobile", "toll_free", ...
+
+
+class PhoneError(ValueError):
+    def __init__(self, reason: str):
+        self.reason = reason  # "no_phone" | "invalid_phone" | "landline"
+        super().__init__(reason)
+
+
+_KINDS = {
+    PhoneNumberType.MOBILE: "mobile",
+    PhoneNumberType.FIXED_LINE: "fixed_line",
+    PhoneNumberType.FIXED_LINE_OR_MOBILE: "fixed_line_or_mobile",
+    PhoneNumberType.TOLL_FREE: "toll_free",
+    PhoneNumberType.VOIP: "voip",
+    PhoneNumberType.PERSONAL_NUMBER: "personal",
+    PhoneNumberType.PAGER: "pager",
+}
+
+
+def normalize(raw: str | None, default_region: str, country_hint: str | None = None) -> Phone:
+    """Parse `raw` the way a person typed it; the event's country hint beats the sender's region.
+
+    Raises PhoneError("no_phone") for nothing to parse, ("invalid_phone") for what is not a
+    valid number, and ("landline") for a number that cannot receive SMS by its metadata.
+    """
+    if raw is None or not str(raw).strip():
+        raise PhoneError("no_phone")
+    region = (country_hint or default_region or "").upper() or None
+    try:
+        number = phonenumbers.parse(str(raw), region)
+    except phonenumbers.NumberParseException as exc:
+        raise PhoneError("invalid_phone") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise PhoneError("invalid_phone")
+    kind = _KINDS.get(phonenumbers.number_type(number), "other")
+    if kind == "fixed_line":  # only where metadata is sure; NANP says "fixed_line_or_mobile"
+        raise PhoneError("landline")
+    zones = tuple(z for z in pn_timezone.time_zones_for_number(number) if z != "Etc/Unknown")
+    if len(zones) > MAX_USEFUL_ZONES or kind == "toll_free":
+        zones = ()
+    return Phone(
+        e164=phonenumbers.format_number(number, PhoneNumberFormat.E164),
+        region=phonenumbers.region_code_for_number(number),
+        zones=zones,
+        kind=kind,
+    )
+
+
+def try_e164(raw: str, default_region: str) -> str | None:
+    """E.164 for a CLI argument, or None; used where a bad number is the user's typo."""
+    try:
+        return normalize(raw, default_region).e164
+    except PhoneError:
+        return None

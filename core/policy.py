@@ -1,0 +1,44 @@
+"""Sending policy that depends on the clock: quiet hours in the recipient's zones."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
+from zoneinfo import ZoneInfo
+
+
+def _in_window(local: dtime, start: dtime, end: dtime) -> bool:
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end  # the window wraps midnight, e.g. 21:00-08:00
+
+
+def _window_end_after(moment: datetime, zone: ZoneInfo, end: dtime) -> datetime:
+    local = moment.astimezone(zone)
+    candidate = datetime.combine(local.date(), end, tzinfo=zone)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=zone)
+    return candidate.astimezone(UTC)
+
+
+def quiet_until(
+    at: float, zones: list[str] | tuple[str, ...], window: tuple[dtime, dtime] | None
+) -> float | None:
+    """When a non-urgent message planned for `at` may go, or None if it may go at `at`.
+
+    A number can map to several zones; the message goes only when *every* one of them is
+    outside the quiet window, so we move to the latest window end and check again.
+    """
+    if window is None or not zones:
+        return None
+    start, end = window
+    tzs = [ZoneInfo(z) for z in zones]
+    moment = datetime.fromtimestamp(at, UTC)
+    moved = False
+    for _ in range(8):  # converges in one or two steps for real zone sets
+        quiet = [tz for tz in tzs if _in_window(moment.astimezone(tz).time(), start, end)]
+        if not quiet:
+            break
+        moment = max(_window_end_after(moment, tz, end) for tz in quiet)
+        moved = True
+    return moment.timestamp() if moved else None

@@ -1,0 +1,155 @@
+"""Erasure and export of a person's (or a whole source's) data.
+
+Erasure keeps exactly one thing: the consent ledger's blind index and actions, so that a
+person who said STOP and then asked to be forgotten is still never texted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from txsms.core.crypto import Vault
+from txsms.core.storage import (
+    consent_ledger,
+    events,
+    messages,
+    order_context,
+    provider_callbacks,
+    recipients,
+)
+
+
+def erase(
+    conn: Connection, index: str | None, *, source: str | None = None, whole_source: bool = False
+) -> dict[str, int]:
+    """Erase a person (`index`, optionally only what `source` holds) or everything of `source`."""
+    if whole_source:
+        if source is None:
+            raise ValueError("whole_source needs a source")
+        return _erase_where(conn, source=source, index=None)
+    if index is None:
+        return {}
+    counts = _erase_where(conn, source=source, index=index)
+    remaining = conn.execute(select(messages.c.id).where(messages.c.phone_index == index)).first()
+    if source is None or remaining is None:
+        counts["recipients"] = conn.execute(
+            recipients.delete().where(recipients.c.phone_index == index)
+        ).rowcount
+    return counts
+
+
+def _erase_where(conn: Connection, *, source: str | None, index: str | None) -> dict[str, int]:
+    def where(table):
+        clauses = []
+        if index is not None:
+            clauses.append(table.c.phone_index == index)
+        if source is not None:
+            clauses.append(table.c.source == source)
+        return clauses
+
+    provider_ids = [
+        r[0]
+        for r in conn.execute(select(messages.c.provider_message_id).where(*where(messages)))
+        if r[0]
+    ]
+    counts = {"messages": conn.execute(messages.delete().where(*where(messages))).rowcount}
+    if provider_ids:
+        conn.execute(
+            provider_callbacks.delete().where(
+                provider_callbacks.c.provider_message_id.in_(provider_ids)
+            )
+        )
+    counts["order_context"] = conn.execute(
+        order_context.delete().where(*where(order_context))
+    ).rowcount
+    # Event rows stay (without their payload) so a redelivery is still recognised as a
+    # duplicate and does not text the person again; a whole source goes entirely.
+    if index is None:
+        counts["events"] = conn.execute(events.delete().where(*where(events))).rowcount
+    else:
+        counts["events"] = conn.execute(
+            events.update().where(*where(events)).values(payload_enc=None, phone_index=None)
+        ).rowcount
+    conn.execute(consent_ledger.update().where(*where(consent_ledger)).values(evidence_enc=None))
+    return counts
+
+
+def collect(conn: Connection, vault: Vault, index: str, *, source: str | None = None) -> dict:
+    """Everything held about one person, decrypted: the answer to a data request."""
+
+    def scoped(table):
+        clauses = [table.c.phone_index == index]
+        if source is not None and "source" in table.c:
+            clauses.append(table.c.source == source)
+        return clauses
+
+    phone = conn.execute(
+        select(recipients.c.phone_enc).where(recipients.c.phone_index == index)
+    ).scalar()
+    data: dict[str, Any] = {"phone": vault.decrypt(phone), "source": source}
+    data["events"] = [
+        {
+            "source": r.source,
+            "key": r.key,
+            "kind": r.kind,
+            "occurred_at": r.occurred_at,
+            "payload": vault.decrypt_json(r.payload_enc),
+        }
+        for r in conn.execute(select(events).where(*scoped(events)))
+    ]
+    data["messages"] = [
+        {
+            "id": r.id,
+            "kind": r.kind,
+            "status": r.status,
+            "reason": r.reason,
+            "body": vault.decrypt(r.body_enc),
+            "created_at": r.created_at,
+            "sent_at": r.sent_at,
+        }
+        for r in conn.execute(select(messages).where(*scoped(messages)))
+    ]
+    data["consent"] = [
+        {
+            "scope": r.scope,
+            "action": r.action,
+            "source": r.source,
+            "at": r.created_at,
+            "evidence": vault.decrypt_json(r.evidence_enc),
+        }
+        for r in conn.execute(select(consent_ledger).where(consent_ledger.c.phone_index == index))
+    ]
+    data["orders"] = [
+        {
+            "source": r.source,
+            "order": r.order_ref,
+            "last_status": r.last_status,
+            "context": vault.decrypt_json(r.context_enc),
+        }
+        for r in conn.execute(select(order_context).where(*scoped(order_context)))
+    ]
+    return data
+
+
+def export(
+    conn: Connection,
+    vault: Vault,
+    index: str,
+    data_dir: str | os.PathLike,
+    *,
+    source: str | None = None,
+) -> Path:
+    """Write `collect(...)` as JSON readable only by this user; returns the path."""
+    folder = Path(data_dir) / "exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{index[:12]}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(collect(conn, vault, index, source=source), fh, indent=2)
+    return path

@@ -1,0 +1,209 @@
+"""Twilio Programmable Messaging: one form POST per message, the answer classified into an Outcome.
+
+Credentials: Twilio Console (console.twilio.com) -> Account Info shows the Account SID (`AC...`)
+and Auth Token; a sender is a number you own (`from`, E.164) or a Messaging Service
+(`messaging_service_sid`, `MG...`, under Messaging -> Services). Twilio has no idempotency key
+for Messages create, so anything that may have reached it is UNKNOWN, never blindly resent.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import NewConnectionError, ProtocolError
+
+from txsms.core.errors import ConfigError, TxsmsError
+from txsms.core.providers.base import Outcome, OutgoingMessage, Provider, ProviderResult
+from txsms.core.redact import redact_phone, scrub
+
+if TYPE_CHECKING:
+    from txsms.core.config import ProviderConfig
+
+log = logging.getLogger(__name__)
+
+OPTED_OUT_CODES = frozenset({21610})
+INVALID_NUMBER_CODES = frozenset({21211, 21614, 30005, 30006, 21217, 21401, 21407})
+RETRY_CODES = frozenset({20429, 30001, 30003, 30008})
+
+
+class TwilioLookupError(TxsmsError):
+    """`find_sent` could not ask Twilio; the caller must not conclude "never sent"."""
+
+
+class TwilioProvider(Provider):
+    name = "twilio"
+
+    def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
+        super().__init__(config, public_url=public_url)
+        for key in ("account_sid", "auth_token"):
+            if not getattr(config, key):
+                raise ConfigError("required for the twilio provider", key=f"provider.{key}")
+        if not (config.from_ or config.messaging_service_sid):
+            raise ConfigError("set `from` or `messaging_service_sid`", key="provider.from")
+        base = (config.base_url or "https://api.twilio.com").rstrip("/")
+        if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
+            raise ConfigError(f"not an http(s) URL: {base!r}", key="provider.base_url")
+        self.messages_url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
+        self.base_url = base
+        self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
+        self.session = requests.Session()
+        self.session.auth = (config.account_sid, config.auth_token)
+        self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
+
+    def send(self, message: OutgoingMessage) -> ProviderResult:
+        form = {"To": message.to, "Body": message.body}
+        if self.config.from_:
+            form["From"] = self.config.from_
+        else:
+            form["MessagingServiceSid"] = self.config.messaging_service_sid
+        if callback := self.status_callback_url():
+            form["StatusCallback"] = callback
+        try:
+            resp = self.session.post(
+                self.messages_url, data=form, timeout=self.timeout, allow_redirects=False
+            )
+            return self._classify(resp, message)
+        except Exception as exc:  # never raise: decide whether the request may have left
+            outcome, text = _network_outcome(exc)
+            text = self._clean(text, message)
+            log.warning("twilio send %s to %s: %s", outcome, redact_phone(message.to), text)
+            return ProviderResult(outcome, error_text=text)
+
+    def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        data = data if isinstance(data, dict) else None
+        if 200 <= resp.status_code < 300:
+            if data and data.get("sid"):
+                return ProviderResult(
+                    Outcome.SENT,
+                    provider_message_id=str(data["sid"]),
+                    provider_status=data.get("status"),
+                    segments=_positive_int(data.get("num_segments")),  # "0" via a service
+                )
+            # Accepted, but no sid to track it by: it may exist at Twilio.
+            text = f"HTTP {resp.status_code} without a message sid: {resp.text[:200]}"
+            return ProviderResult(Outcome.UNKNOWN, error_text=self._clean(text, message))
+        code = data.get("code") if data else None
+        code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
+        if data and data.get("message"):
+            text = str(data["message"])
+        else:
+            text = f"HTTP {resp.status_code}: {resp.text[:200]}"
+        result = dict(
+            error_code=str(code if code is not None else resp.status_code),
+            error_text=self._clean(text, message)[:500],
+        )
+        if code in OPTED_OUT_CODES:
+            return ProviderResult(Outcome.OPTED_OUT, **result)
+        if code in INVALID_NUMBER_CODES:
+            return ProviderResult(Outcome.INVALID_NUMBER, **result)
+        if resp.status_code == 429 or resp.status_code >= 500 or code in RETRY_CODES:
+            retry_after = _retry_after(resp.headers.get("Retry-After"))
+            return ProviderResult(Outcome.RETRY, retry_after=retry_after, **result)
+        return ProviderResult(Outcome.FAILED, **result)
+
+    def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
+        """Error texts may quote the number (21211 does) and must never carry the token."""
+        if len(self.config.auth_token) >= 8:
+            text = text.replace(self.config.auth_token, "[token]")
+        if message is not None and message.to:
+            text = text.replace(message.to, redact_phone(message.to))
+        return scrub(text)
+
+    def find_sent(self, to: str, since: float) -> list[dict]:
+        """Messages to `to` sent on or after the UTC day of `since` (newest first, all pages).
+
+        Twilio filters by `date_sent`, which is null while a message is still queued: settle an
+        `unknown` message only after a grace period. Raises TwilioLookupError if it cannot ask.
+        """
+        day = datetime.fromtimestamp(since, UTC).date().isoformat()
+        url, params = self.messages_url, {"To": to, "DateSent>": day}
+        found: list[dict] = []
+        for _ in range(20):  # at most 20 pages: far more than one number ever gets in a day
+            try:
+                resp = self.session.get(url, params=params, timeout=self.timeout)
+                resp.raise_for_status()
+                page = resp.json()
+                messages, next_uri = list(page.get("messages") or []), page.get("next_page_uri")
+            except Exception as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                what = f"HTTP {status}" if status else type(exc).__name__
+                raise TwilioLookupError(f"listing messages to {redact_phone(to)}: {what}") from None
+            found.extend(messages)
+            if not next_uri:
+                break
+            url, params = self.base_url + next_uri, None
+        return found
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and all it wraps, outermost first: requests -> MaxRetryError.reason -> OS."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < 20:
+        e = todo.pop(0)
+        if any(e is f for f in found):
+            continue
+        found.append(e)
+        more = [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
+        todo.extend(m for m in more if isinstance(m, BaseException))
+    return found
+
+
+def _network_outcome(exc: Exception) -> tuple[Outcome, str]:
+    """RETRY only when the request provably never left; anything else may have reached Twilio."""
+    causes = _causes(exc)
+    # Name what happened by the innermost standard-library error (type only: urllib3's messages
+    # carry URLs), e.g. "(RemoteDisconnected)", "(ConnectionRefusedError)".
+    std = [type(e).__name__ for e in causes if type(e).__module__ in ("builtins", "http.client")]
+    detail = f" ({std[-1] if std else type(exc).__name__})"
+    if isinstance(exc, requests.ReadTimeout):
+        return Outcome.UNKNOWN, "read timeout after the request was sent" + detail
+    if any(isinstance(e, ProtocolError) for e in causes):
+        return Outcome.UNKNOWN, "connection dropped after the request was sent" + detail
+    if isinstance(exc, requests.ConnectTimeout):
+        return Outcome.RETRY, "connect timeout, nothing sent" + detail
+    if isinstance(exc, requests.ConnectionError):
+        if any(isinstance(e, NewConnectionError) for e in causes):  # refused, DNS, unreachable
+            return Outcome.RETRY, "could not connect, nothing sent" + detail
+        if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes):
+            return Outcome.RETRY, "TLS certificate verification failed, nothing sent" + detail
+        return Outcome.UNKNOWN, "connection error after connecting" + detail
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return Outcome.UNKNOWN, "response cut off" + detail
+    return Outcome.UNKNOWN, "unexpected error while sending" + detail
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+        return int(value)
+    return None

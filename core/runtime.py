@@ -1,0 +1,63 @@
+"""The runtime: everything built once from a Config and shared by the receiver and workers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import cached_property
+
+from sqlalchemy import Engine
+
+from txsms.core import storage
+from txsms.core.config import Config
+from txsms.core.crypto import Vault
+from txsms.core.templates import TemplateSet
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup:
+    """Tells idle workers in this process that new work was committed (the poll is the fallback)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        woken = self._event.wait(timeout)
+        self._event.clear()
+        return woken
+
+
+class Runtime:
+    def __init__(self, config: Config, *, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine or storage.make_engine(config.storage)
+        self.vault = Vault.from_config(config.security, config.storage.data_dir)
+        # Compiling (and test-rendering) every template here means a bad template stops
+        # start-up, not the first order.
+        self.templates = TemplateSet(config.templates, config.sender)
+        self.templates.check()
+        self.wakeup = Wakeup()
+
+    def prepare_database(self, *, migrate: bool | None = None) -> None:
+        """Apply migrations (by default only on SQLite, where this process owns the file)."""
+        if migrate is None:
+            migrate = storage.is_sqlite(self.engine)
+        if migrate:
+            storage.upgrade(self.engine)
+            return
+        current, head = storage.current_revision(self.engine), storage.head_revision()
+        if current != head:
+            log.warning(
+                "database is at revision %s, code expects %s: run 'txsms db upgrade'", current, head
+            )
+
+    @cached_property
+    def default_zone(self) -> str:
+        return self.config.sender.timezone
+
+    def close(self) -> None:
+        self.engine.dispose()

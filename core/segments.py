@@ -1,0 +1,55 @@
+"""SMS encoding and segment counting (GSM 03.38 / 3GPP TS 23.038).
+
+A pre-send estimate: the provider's own count is the billing truth. Written here (about 40
+lines) instead of depending on smsutil (unmaintained, pulls in `future`) or gsm0338 (a codec
+that does not count segments); see reference/providers.md section 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The GSM 03.38 basic table (one septet each); the escape 0x1B itself is not a character.
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# The extension table: escape plus one septet, so two septets each.
+_GSM_EXT = frozenset("\f^{}\\[~]|€")
+
+GSM7_SINGLE, GSM7_PART = 160, 153  # a 6-octet concatenation header leaves 153 septets
+UCS2_SINGLE, UCS2_PART = 70, 67  # ... or 67 UTF-16 code units
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    encoding: str  # "GSM-7" | "UCS-2"
+    units: int  # septets for GSM-7, UTF-16 code units for UCS-2
+    segments: int  # 0 for the empty text
+
+
+def is_gsm7(text: str) -> bool:
+    """True when every character is in the GSM 03.38 basic or extension table."""
+    return all(c in _GSM_BASIC or c in _GSM_EXT for c in text)
+
+
+def count_segments(text: str) -> SegmentInfo:
+    """Encoding, units and segments of `text`; one non-GSM character makes it all UCS-2."""
+    if is_gsm7(text):
+        encoding, single, part = "GSM-7", GSM7_SINGLE, GSM7_PART
+        costs = [2 if c in _GSM_EXT else 1 for c in text]
+    else:
+        # Astral characters (most emoji) are a UTF-16 surrogate pair: two units.
+        encoding, single, part = "UCS-2", UCS2_SINGLE, UCS2_PART
+        costs = [2 if ord(c) > 0xFFFF else 1 for c in text]
+    units = sum(costs)
+    if units <= single:
+        return SegmentInfo(encoding, units, 1 if units else 0)
+    # Walk the text instead of ceil(units / part): an escape pair or a surrogate pair never
+    # straddles a boundary, so a part can end one unit short.
+    segments, used = 1, 0
+    for cost in costs:
+        if used + cost > part:
+            segments, used = segments + 1, 0
+        used += cost
+    return SegmentInfo(encoding, units, segments)

@@ -1,0 +1,235 @@
+"""Storage: the tables (SQLAlchemy Core), the engine, and migrations.
+
+Times are stored as UTC epoch seconds (floats): they compare and index the same way on SQLite
+and PostgreSQL, and the worker's claim query is a plain `send_at <= :now`.
+Columns ending in `_enc` hold MultiFernet tokens; `phone_index` holds the keyed blind index.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+from txsms.core.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("source", String(200), nullable=False),
+    Column("key", String(300), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("phone_index", String(64), index=True),
+    Column("payload_enc", LargeBinary),  # recipient + data, for audit and erasure export
+    Column("occurred_at", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("source", "key", name="uq_events_source_key"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("event_id", String(32)),
+    Column("source", String(200), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("idempotency_key", String(600), nullable=False, unique=True),
+    Column("phone_index", String(64)),
+    Column("to_enc", LargeBinary),
+    Column("body_enc", LargeBinary),
+    Column("locale", String(20)),
+    Column("category", String(20)),
+    Column("urgent", Boolean, nullable=False, default=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(64)),
+    Column("encoding", String(8)),
+    Column("segments", Integer),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("send_at", Float, nullable=False),
+    Column("lease_until", Float),
+    Column("claimed_by", String(64)),
+    # Set and committed just before the provider request: after a crash it tells
+    # "never sent, safe to retry" from "may have reached the provider" (unknown).
+    Column("in_flight", Boolean, nullable=False, default=False),
+    Column("provider", String(20)),
+    Column("provider_message_id", String(64), index=True),
+    Column("provider_status", String(32)),
+    Column("error_code", String(32)),
+    Column("error_text", String(500)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("sent_at", Float),
+    Column("finished_at", Float),
+    Index("ix_messages_status_send_at", "status", "send_at"),
+    Index("ix_messages_phone_created", "phone_index", "created_at"),
+)
+
+recipients = Table(
+    "recipients",
+    metadata,
+    Column("phone_index", String(64), primary_key=True),
+    Column("phone_enc", LargeBinary),
+    Column("region", String(8)),
+    Column("zones", String(400)),  # space-separated IANA zones; empty: unknown
+    Column("invalid_reason", String(64)),  # set by permanent handset errors
+    Column("footer_sent_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+consent_ledger = Table(
+    "consent_ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("phone_index", String(64), nullable=False, index=True),
+    Column("scope", String(20), nullable=False),  # "all" | "marketing"
+    Column("action", String(16), nullable=False),  # "opt_out" | "opt_in"
+    Column("source", String(200), nullable=False),
+    Column("evidence_enc", LargeBinary),
+    Column("created_at", Float, nullable=False),
+)
+
+preferences = Table(
+    "preferences",
+    metadata,
+    Column("phone_index", String(64), primary_key=True),
+    Column("category", String(20), primary_key=True),
+    Column("enabled", Boolean, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+provider_callbacks = Table(
+    "provider_callbacks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("provider", String(20), nullable=False),
+    Column("kind", String(16), nullable=False),  # "status" | "inbound"
+    Column("provider_message_id", String(64), index=True),
+    Column("status", String(32)),
+    Column("payload_enc", LargeBinary),
+    Column("received_at", Float, nullable=False),
+    Column("applied_at", Float),
+)
+
+cursors = Table(
+    "cursors",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+order_context = Table(
+    "order_context",
+    metadata,
+    Column("source", String(200), primary_key=True),
+    Column("order_ref", String(200), primary_key=True),
+    Column("phone_index", String(64), index=True),
+    Column("context_enc", LargeBinary),  # recipient and template data for later deliveries
+    Column("last_status", String(40)),
+    Column("last_modified", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+def make_engine(storage: StorageConfig, **kwargs) -> Engine:
+    url = storage.url
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+    synchronous = storage.sqlite_synchronous
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        # Let SQLAlchemy, not the driver, open transactions (see "begin" below).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        # IMMEDIATE takes the write lock up front: a read-then-write transaction can then
+        # never fail to upgrade its lock ("database is locked") when another writer is busy.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _alembic_config(engine: Engine):
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to `revision`."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(engine), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+def insert_ignore(conn, table: Table, values: dict, conflict: list[str]) -> bool:
+    """INSERT that does nothing when `conflict` columns already exist; True if a row was added.
+
+    Unlike catching IntegrityError this never aborts the surrounding PostgreSQL transaction,
+    so two receivers racing on one delivery both commit, and one of them creates nothing.
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict)
+        .returning(table.c[conflict[0]])  # rowcount is -1 here with psycopg 3; RETURNING is exact
+    )
+    return conn.execute(stmt).first() is not None

@@ -1,0 +1,271 @@
+"""The worker: claims due messages, sends them once, records every outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from txsms.core import consent, outbox
+from txsms.core.metrics import SEND_SECONDS, SENDS
+from txsms.core.providers import Outcome, OutgoingMessage, Provider, ProviderResult, make_provider
+from txsms.core.ratelimit import TokenBucket
+from txsms.core.redact import redact_phone
+from txsms.core.runtime import Runtime
+from txsms.core.segments import count_segments
+from txsms.core.storage import recipients
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    message: OutgoingMessage
+    index: str | None
+    with_footer: bool
+
+
+class Worker:
+    def __init__(
+        self,
+        runtime: Runtime,
+        provider: Provider | None = None,
+        *,
+        concurrency: int | None = None,
+        batch: int = 5,
+    ):
+        self.runtime = runtime
+        config = runtime.config
+        self.provider = provider or make_provider(
+            config.provider, public_url=config.server.public_url
+        )
+        self.concurrency = concurrency or config.worker.concurrency
+        self.batch = batch
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        # The lease must outlive the slowest provider request, or a second worker could
+        # take over a message that is still on its way.
+        self.lease = max(config.worker.lease_seconds, config.provider.timeout_seconds * 2 + 5)
+        self.bucket = TokenBucket(config.provider.rate_per_second)
+        self.stop_event = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_maintenance = 0.0
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for n in range(self.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"txsms-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.runtime.wakeup.notify()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.provider.close()
+
+    def _loop(self) -> None:
+        poll = self.runtime.config.worker.poll_seconds
+        while not self.stop_event.is_set():
+            try:
+                done = self.run_once()
+            except Exception:  # a database hiccup must not kill the worker thread
+                log.exception("worker iteration failed; retrying")
+                done = 0
+            if not done:
+                self.runtime.wakeup.wait(poll)
+
+    def run_once(self) -> int:
+        """Claim one batch and send it; the number of messages handled."""
+        self._maintain()
+        with self.runtime.engine.begin() as conn:
+            rows = outbox.claim(conn, self.worker_id, lease=self.lease, limit=self.batch)
+        for row in rows:
+            if self.stop_event.is_set():
+                break  # unsent claims go back when their lease ends
+            self._handle(row)
+        return len(rows)
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_maintenance < MAINTENANCE_SECONDS:
+            return
+        self._last_maintenance = now
+        with self.runtime.engine.begin() as conn:
+            interrupted = outbox.sweep_interrupted(conn)
+            outbox.purge_bodies(conn, self.runtime.config.security.retention_days)
+        if interrupted:
+            log.warning(
+                "%d message(s) were in flight when a worker stopped: now 'unknown' "
+                "(see 'txsms messages --status unknown')",
+                interrupted,
+            )
+
+    # -- one message -----------------------------------------------------------------------
+
+    def _handle(self, row) -> None:
+        prepared = self._prepare(row)
+        if prepared is None:
+            return
+        if not self.bucket.acquire(self.stop_event):
+            return
+        started = time.monotonic()
+        result = self.provider.send(prepared.message)
+        SEND_SECONDS.labels(self.provider.name).observe(time.monotonic() - started)
+        SENDS.labels(self.provider.name, result.outcome.value).inc()
+        self._record(row, prepared, result)
+
+    def _prepare(self, row) -> Prepared | None:
+        """Re-check consent at send time and mark the row in flight, in one transaction."""
+        vault, sender = self.runtime.vault, self.runtime.config.sender
+        with self.runtime.engine.begin() as conn:
+            recipient = None
+            if row.phone_index:
+                recipient = conn.execute(
+                    select(recipients.c.invalid_reason, recipients.c.footer_sent_at).where(
+                        recipients.c.phone_index == row.phone_index
+                    )
+                ).first()
+                state = consent.state(conn, row.phone_index)
+                reason = None
+                if state.opted_out:
+                    reason = "opted_out"
+                elif row.category == "marketing" and state.marketing != "opted_in":
+                    reason = "not_opted_in"
+                elif recipient is not None and recipient.invalid_reason:
+                    reason = "invalid_phone"
+                if reason:
+                    outbox.update(
+                        conn,
+                        row.id,
+                        status="skipped",
+                        reason=reason,
+                        finished_at=time.time(),
+                        lease_until=None,
+                    )
+                    return None
+            to, body = vault.decrypt(row.to_enc), vault.decrypt(row.body_enc)
+            if to is None or body is None:  # erased while queued
+                outbox.update(
+                    conn, row.id, status="skipped", reason="erased", finished_at=time.time()
+                )
+                return None
+            with_footer = bool(
+                sender.footer
+                and (recipient is None or recipient.footer_sent_at is None)
+                and sender.footer not in body
+            )
+            if with_footer:
+                body = f"{body}\n{sender.footer}"
+            info = count_segments(body)
+            outbox.update(
+                conn,
+                row.id,
+                in_flight=True,
+                provider=self.provider.name,
+                body_enc=vault.encrypt(body) if with_footer else row.body_enc,
+                encoding=info.encoding,
+                segments=info.segments,
+            )
+        return Prepared(
+            OutgoingMessage(row.id, to, body, info.segments, info.encoding),
+            row.phone_index,
+            with_footer,
+        )
+
+    def _record(self, row, prepared: Prepared, result: ProviderResult) -> None:
+        now = time.time()
+        common = {
+            "in_flight": False,
+            "lease_until": None,
+            "provider_message_id": result.provider_message_id,
+            "provider_status": result.provider_status,
+            "error_code": result.error_code,
+            "error_text": (result.error_text or None) and result.error_text[:500],
+        }
+        if result.segments:
+            common["segments"] = result.segments
+        outcome = result.outcome
+        to = redact_phone(prepared.message.to)
+        with self.runtime.engine.begin() as conn:
+            if outcome is Outcome.SENT:
+                outbox.update(
+                    conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
+                )
+                if prepared.with_footer and prepared.index:
+                    conn.execute(
+                        recipients.update()
+                        .where(recipients.c.phone_index == prepared.index)
+                        .values(footer_sent_at=now, updated_at=now)
+                    )
+                log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
+            elif (
+                outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts
+            ):
+                delay = self._backoff(row.attempts, result.retry_after)
+                outbox.update(
+                    conn, row.id, status="pending", reason="retry", send_at=now + delay, **common
+                )
+                log.warning(
+                    "message %s to %s: provider said %s, retry in %.1fs",
+                    row.id,
+                    to,
+                    result.error_code or result.error_text,
+                    delay,
+                )
+            elif outcome is Outcome.UNKNOWN:
+                outbox.update(conn, row.id, status="unknown", reason="in_flight_error", **common)
+                log.error(
+                    "message %s to %s: outcome unknown (%s); not resent blindly",
+                    row.id,
+                    to,
+                    result.error_text,
+                )
+            else:
+                reason = {
+                    Outcome.OPTED_OUT: "opted_out",
+                    Outcome.INVALID_NUMBER: "invalid_phone",
+                    Outcome.RETRY: "retries_exhausted",
+                }.get(outcome, "provider_error")
+                outbox.update(
+                    conn, row.id, status="failed", reason=reason, finished_at=now, **common
+                )
+                if outcome is Outcome.OPTED_OUT and prepared.index:
+                    consent.record(
+                        conn,
+                        self.runtime.vault,
+                        prepared.index,
+                        scope="all",
+                        action="opt_out",
+                        source=f"provider:{self.provider.name}",
+                        evidence={"error_code": result.error_code, "message_id": row.id},
+                    )
+                if outcome is Outcome.INVALID_NUMBER and prepared.index:
+                    conn.execute(
+                        recipients.update()
+                        .where(recipients.c.phone_index == prepared.index)
+                        .values(invalid_reason=f"provider:{result.error_code}", updated_at=now)
+                    )
+                log.error(
+                    "message %s to %s failed: %s %s",
+                    row.id,
+                    to,
+                    result.error_code,
+                    result.error_text,
+                )
+
+    def _backoff(self, attempts: int, retry_after: float | None) -> float:
+        cfg = self.runtime.config.worker
+        ceiling = min(cfg.backoff_max_seconds, cfg.backoff_base_seconds * 2 ** (attempts - 1))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter"
+        return max(delay, retry_after or 0.0)

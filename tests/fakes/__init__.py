@@ -1,0 +1,32 @@
+"""Test doubles that speak real protocols over real sockets, and a polling helper.
+
+`tests/` has no `__init__.py`, so pytest puts `tests/` itself on sys.path: import these as
+`from fakes import wait_until` and `from fakes.twilio import FakeTwilio`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail at the deadline.
+
+    For "eventually" assertions without bare sleeps. Raises AssertionError naming the predicate.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            name = getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"wait_until: {name} still false after {timeout}s")
+        time.sleep(interval)
+
+
+__all__ = ["wait_until"]

@@ -1,0 +1,208 @@
+"""Ingest decisions, on SQLite and PostgreSQL: every event ends in one recorded decision."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select
+
+from txsms.core import consent
+from txsms.core.events import Consent, Event, Recipient
+from txsms.core.pipeline import ingest
+from txsms.core.storage import events, messages
+
+PHONE = "+1 415 555 0100"  # America/Los_Angeles
+NY_PHONE = "+1 212 555 0100"
+
+
+def order(key="order:1001:created", phone=PHONE, kind="order.created", **kw) -> Event:
+    recipient = kw.pop("recipient", Recipient(phone=phone, name="Ada Lovelace"))
+    data = kw.pop("data", {"order": {"number": "#1001", "total": "$25.00"}})
+    return Event(source="api", kind=kind, key=key, recipient=recipient, data=data, **kw)
+
+
+def rows(runtime, **where):
+    with runtime.engine.connect() as conn:
+        query = select(messages)
+        for column, value in where.items():
+            query = query.where(messages.c[column] == value)
+        return conn.execute(query).all()
+
+
+def test_an_event_posted_three_times_makes_one_message(runtime):
+    results = [ingest(runtime, [order()])[0] for _ in range(3)]
+    assert [r.status for r in results] == ["accepted", "duplicate", "duplicate"]
+    assert len({r.id for r in results}) == 1
+    [row] = rows(runtime)
+    assert row.status == "pending" and row.reason is None
+    assert "Ada" in runtime.vault.decrypt(row.body_enc)
+
+
+def test_duplicates_inside_one_batch_are_recognised(runtime):
+    results = ingest(runtime, [order(), order()])
+    assert [r.status for r in results] == ["accepted", "duplicate"]
+    assert len(rows(runtime)) == 1
+
+
+def test_same_key_from_another_source_is_another_event(runtime):
+    ingest(runtime, [order()])
+    other = Event(
+        source="shopify:a.myshopify.com",
+        kind="order.created",
+        key="order:1001:created",
+        recipient=Recipient(phone=PHONE),
+    )
+    assert ingest(runtime, [other])[0].status == "accepted"
+    assert len(rows(runtime)) == 2
+
+
+@pytest.mark.parametrize(
+    ("phone", "reason"),
+    [
+        (None, "no_phone"),
+        ("", "no_phone"),
+        ("12345", "invalid_phone"),
+        ("+1 555 555 5555", "invalid_phone"),
+        ("not a number", "invalid_phone"),
+    ],
+)
+def test_unaddressable_events_are_skipped_with_a_reason(runtime, phone, reason):
+    [result] = ingest(runtime, [order(phone=phone)])
+    assert result.status == "accepted"
+    [row] = rows(runtime)
+    assert (row.status, row.reason) == ("skipped", reason)
+    assert row.to_enc is None
+
+
+def test_country_hint_beats_default_region(runtime):
+    event = order(recipient=Recipient(phone="020 7946 0018", country="GB"))
+    ingest(runtime, [event])
+    assert rows(runtime)[0].reason == "landline"  # parsed as a UK fixed line, not a US number
+    mobile = order(key="k2", recipient=Recipient(phone="07911 123456", country="GB"))
+    ingest(runtime, [mobile])
+    assert rows(runtime, idempotency_key="api|k2|order.created")[0].status == "pending"
+
+
+def test_opted_out_number_is_skipped_and_recorded(runtime):
+    index = runtime.vault.index("+14155550100")
+    with runtime.engine.begin() as conn:
+        consent.record(conn, runtime.vault, index, scope="all", action="opt_out", source="test")
+    ingest(runtime, [order()])
+    [row] = rows(runtime)
+    assert (row.status, row.reason) == ("skipped", "opted_out")
+
+
+def test_start_after_stop_allows_transactional_again(runtime):
+    index = runtime.vault.index("+14155550100")
+    with runtime.engine.begin() as conn:
+        consent.record(
+            conn,
+            runtime.vault,
+            index,
+            scope="all",
+            action="opt_out",
+            source="t",
+            at=time.time() - 10,
+        )
+        consent.record(conn, runtime.vault, index, scope="all", action="opt_in", source="t")
+        state = consent.state(conn, index)
+    assert (state.transactional, state.marketing) == ("allowed", "not_opted_in")
+    ingest(runtime, [order()])
+    assert rows(runtime)[0].status == "pending"
+
+
+def test_marketing_needs_a_recorded_opt_in(runtime_factory):
+    runtime = runtime_factory(templates={"account.alert": {"category": "marketing"}})
+    alert = order(kind="account.alert", key="promo:1", data={"alert": {"text": "Sale"}})
+    ingest(runtime, [alert])
+    assert rows(runtime)[0].reason == "not_opted_in"
+    opted = Event(
+        source="api",
+        kind="account.alert",
+        key="promo:2",
+        recipient=Recipient(phone=NY_PHONE),
+        data={"alert": {"text": "Sale"}},
+        consent=Consent(scope="marketing", action="opt_in", evidence={"form": "x"}),
+    )
+    ingest(runtime, [opted])
+    assert rows(runtime, idempotency_key="api|promo:2|account.alert")[0].status == "pending"
+
+
+def test_category_switched_off_is_skipped(runtime):
+    with runtime.engine.begin() as conn:
+        consent.set_preference(conn, runtime.vault.index("+14155550100"), "orders", False)
+    ingest(runtime, [order()])
+    assert rows(runtime)[0].reason == "category_off"
+    ingest(runtime, [order(kind="account.alert", key="a1", data={"alert": {"text": "x"}})])
+    assert rows(runtime, kind="account.alert")[0].status == "pending"
+
+
+def test_frequency_cap_skips_but_urgent_goes(runtime_factory):
+    runtime = runtime_factory(policy={"max_per_day": 2})
+    ingest(runtime, [order(key=f"o{n}") for n in range(3)])
+    statuses = sorted((r.status, r.reason or "") for r in rows(runtime))
+    assert statuses == [("pending", ""), ("pending", ""), ("skipped", "frequency_cap")]
+    ingest(runtime, [order(kind="account.alert", key="alert", data={"alert": {"text": "x"}})])
+    assert rows(runtime, kind="account.alert")[0].status == "pending"
+
+
+def test_quiet_hours_defer_a_scheduled_message_and_spare_urgent(runtime_factory):
+    runtime = runtime_factory(policy={"quiet_hours": "21:00-08:00"})
+    tomorrow_night = (time.time() // 86400 + 2) * 86400 + 5 * 3600 + 1800  # 05:30 UTC
+    ingest(runtime, [order(phone=NY_PHONE, send_at=tomorrow_night)])
+    row = rows(runtime)[0]
+    assert (row.status, row.reason) == ("deferred", "quiet_hours")
+    assert datetime.fromtimestamp(row.send_at, UTC).strftime("%H:%M") in ("12:00", "13:00")
+    urgent = order(
+        kind="account.alert",
+        key="a",
+        phone=NY_PHONE,
+        send_at=tomorrow_night,
+        data={"alert": {"text": "x"}},
+    )
+    ingest(runtime, [urgent])
+    row = rows(runtime, kind="account.alert")[0]
+    assert (row.status, row.reason, row.send_at) == ("deferred", "scheduled", tomorrow_night)
+
+
+def test_a_bad_value_fails_the_render_with_a_reason(runtime_factory):
+    runtime = runtime_factory(
+        templates={"order.created": {"body": "{{ shop.name }}: {{ order.total | money }}"}}
+    )
+    ingest(runtime, [order(data={"order": {"total": {"not": "a number"}}})])
+    row = rows(runtime)[0]
+    assert (row.status, row.reason) == ("failed", "render_error")
+
+
+def test_empty_body_turns_a_kind_off(runtime_factory):
+    runtime = runtime_factory(templates={"order.created": {"body": ""}})
+    ingest(runtime, [order()])
+    assert rows(runtime)[0].reason == "no_template"
+
+
+def test_numbers_and_bodies_are_encrypted_and_indexed(runtime):
+    ingest(runtime, [order()])
+    with runtime.engine.connect() as conn:
+        event = conn.execute(select(events)).one()
+        n = conn.execute(select(func.count()).select_from(messages)).scalar_one()
+    row = rows(runtime)[0]
+    assert n == 1
+    assert b"415" not in row.to_enc and runtime.vault.decrypt(row.to_enc) == "+14155550100"
+    assert row.phone_index == event.phone_index == runtime.vault.index("+14155550100")
+    assert runtime.vault.decrypt_json(event.payload_enc)["recipient"]["name"] == "Ada Lovelace"
+
+
+def test_consent_event_records_an_opt_out(runtime):
+    stop = Event(
+        source="api",
+        kind="customer.consent",
+        key="c1",
+        recipient=Recipient(phone=PHONE),
+        consent=Consent(scope="all", action="opt_out", evidence={"via": "form"}),
+    )
+    [result] = ingest(runtime, [stop])
+    assert result.status == "accepted" and result.messages == []
+    ingest(runtime, [order()])
+    assert rows(runtime)[0].reason == "opted_out"

@@ -1,0 +1,235 @@
+"""The worker against a fake Twilio over real HTTP, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import twilio_section
+from fakes import wait_until
+from fakes.twilio import Delay, Drop, Reply
+from sqlalchemy import select
+
+from txsms.core import consent, outbox
+from txsms.core.events import Event, Recipient
+from txsms.core.pipeline import ingest
+from txsms.core.storage import messages, recipients
+from txsms.core.worker import Worker
+
+PHONE = "+14155550100"
+
+
+def event(key="order:1:created", phone=PHONE, kind="order.created"):
+    return Event(
+        source="api",
+        kind=kind,
+        key=key,
+        recipient=Recipient(phone=phone, name="Ada"),
+        data={"order": {"number": "#1", "total": "$5.00"}},
+    )
+
+
+def message(runtime, key="order:1:created"):
+    with runtime.engine.connect() as conn:
+        return conn.execute(
+            select(messages).where(messages.c.idempotency_key == f"api|{key}|order.created")
+        ).one()
+
+
+def drain(worker: Worker, until, timeout=10.0):
+    """Run the worker loop by hand until `until()` holds."""
+    return wait_until(lambda: worker.run_once() is not None and until(), timeout=timeout)
+
+
+def test_sends_once_with_twilio_shapes_and_the_footer_first_time(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    worker = Worker(runtime)
+    ingest(runtime, [event("k1"), event("k2")])
+    drain(worker, lambda: len(fake_twilio.messages) == 2)
+    assert worker.run_once() == 0
+    first, second = fake_twilio.requests
+    assert first.form["To"] == PHONE and first.form["From"]
+    assert first.form["StatusCallback"] == (
+        "https://sms.example.test/webhooks/providers/twilio/status"
+    )
+    assert first.form["Body"].endswith("Reply STOP to opt out.")
+    assert "Reply STOP" not in second.form["Body"]  # the disclosure goes with the first only
+    row = message(runtime, "k1")
+    assert row.status == "sent" and row.provider_message_id.startswith("SM")
+    assert row.provider_message_id in {m["sid"] for m in fake_twilio.messages}
+    footers = [
+        runtime.vault.decrypt(message(runtime, k).body_enc).endswith("opt out.")
+        for k in ("k1", "k2")
+    ]
+    assert sorted(footers) == [False, True]  # the stored body is the body that was sent
+
+
+def test_503_twice_then_success_sends_one_message(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Reply(status=503), Reply(status=503))
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "sent")
+    assert len(fake_twilio.requests) == 3
+    assert len(fake_twilio.messages) == 1
+    assert message(runtime).attempts == 3
+
+
+def test_retry_after_is_honoured(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Reply(status=429, headers={"Retry-After": "2"}))
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "sent")
+    first, second = fake_twilio.requests
+    assert second.at - first.at >= 2.0
+
+
+def test_21610_records_an_opt_out_and_stops_further_sends(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Reply(status=400, code=21610))
+    worker = Worker(runtime)
+    ingest(runtime, [event("k1")])
+    drain(worker, lambda: message(runtime, "k1").status == "failed")
+    row = message(runtime, "k1")
+    assert (row.reason, row.error_code) == ("opted_out", "21610")
+    with runtime.engine.connect() as conn:
+        assert consent.state(conn, runtime.vault.index(PHONE)).opted_out
+        [entry] = consent.ledger(conn, runtime.vault, runtime.vault.index(PHONE))
+    assert entry["source"] == "provider:twilio" and entry["evidence"]["error_code"] == "21610"
+    ingest(runtime, [event("k2")])
+    assert message(runtime, "k2").reason == "opted_out"
+    assert len(fake_twilio.requests) == 1
+
+
+def test_opt_out_between_ingest_and_send_is_honoured(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    ingest(runtime, [event()])
+    with runtime.engine.begin() as conn:
+        consent.record(
+            conn,
+            runtime.vault,
+            runtime.vault.index(PHONE),
+            scope="all",
+            action="opt_out",
+            source="test",
+        )
+    Worker(runtime).run_once()
+    assert (message(runtime).status, message(runtime).reason) == ("skipped", "opted_out")
+    assert fake_twilio.requests == []
+
+
+def test_invalid_number_marks_the_recipient(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Reply(status=400, code=21211))
+    worker = Worker(runtime)
+    ingest(runtime, [event("k1")])
+    drain(worker, lambda: message(runtime, "k1").status == "failed")
+    assert message(runtime, "k1").reason == "invalid_phone"
+    assert "+1415" not in (message(runtime, "k1").error_text or "")
+    with runtime.engine.connect() as conn:
+        reason = conn.execute(select(recipients.c.invalid_reason)).scalar_one()
+    assert reason == "provider:21211"
+    ingest(runtime, [event("k2")])
+    assert message(runtime, "k2").reason == "invalid_phone"
+
+
+def test_dropped_connection_is_unknown_and_never_resent(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Drop())
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "unknown")
+    for _ in range(3):
+        worker.run_once()
+    assert len(fake_twilio.requests) == 1
+
+
+def test_read_timeout_is_unknown(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio, timeout_seconds=0.3))
+    fake_twilio.script(Delay(1.0))
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "unknown")
+    assert message(runtime).error_text
+
+
+def test_permanent_error_fails_with_code_and_text(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    fake_twilio.script(Reply(status=401, code=20003))
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "failed")
+    row = message(runtime)
+    assert (row.reason, row.error_code, row.error_text) == (
+        "provider_error",
+        "20003",
+        "Authenticate",
+    )
+
+
+def test_retries_stop_after_max_attempts(runtime_factory, fake_twilio):
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio),
+        worker={"max_attempts": 2, "backoff_base_seconds": 0.05},
+    )
+    fake_twilio.script(*[Reply(status=500)] * 5)
+    worker = Worker(runtime)
+    ingest(runtime, [event()])
+    drain(worker, lambda: message(runtime).status == "failed")
+    assert message(runtime).reason == "retries_exhausted"
+    assert len(fake_twilio.requests) == 2
+
+
+def test_expired_lease_is_taken_over_unless_in_flight(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    ingest(runtime, [event("k1"), event("k2")])
+    with runtime.engine.begin() as conn:  # a worker claims both, then dies
+        claimed = outbox.claim(conn, "dead-worker", lease=-1, limit=10)
+        outbox.update(conn, claimed[0].id, in_flight=True)  # the first was on the wire
+    assert len(claimed) == 2
+    worker = Worker(runtime)
+    worker.run_once()
+    drain(worker, lambda: len(fake_twilio.messages) == 1)
+    by_id = {r.id: r for r in (message(runtime, "k1"), message(runtime, "k2"))}
+    assert by_id[claimed[0].id].status == "unknown"
+    assert by_id[claimed[0].id].reason == "interrupted"
+    assert by_id[claimed[1].id].status == "sent"
+
+
+def test_scheduled_message_waits_for_send_at(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    later = time.time() + 0.6
+    ingest(
+        runtime,
+        [
+            Event(
+                source="api",
+                kind="order.created",
+                key="s",
+                send_at=later,
+                recipient=Recipient(phone=PHONE),
+            )
+        ],
+    )
+    worker = Worker(runtime)
+    assert worker.run_once() == 0
+    drain(worker, lambda: len(fake_twilio.requests) == 1)
+    assert fake_twilio.requests[0].at >= 0  # sent after send_at
+    row = message(runtime, "s")
+    assert row.sent_at >= later
+
+
+def test_rate_limit_is_kept(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio, rate_per_second=5))
+    ingest(runtime, [event(f"k{n}") for n in range(10)])
+    worker = Worker(runtime, concurrency=2)
+    worker.start()
+    try:
+        fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 10, timeout=10)
+    finally:
+        worker.stop()
+    arrivals = sorted(r.at for r in fake_twilio.requests)
+    for i in range(len(arrivals)):  # never more than burst + rate in any one-second window
+        in_window = [t for t in arrivals if arrivals[i] <= t < arrivals[i] + 1.0]
+        assert len(in_window) <= 5 + 5
+    assert arrivals[-1] - arrivals[0] >= 0.9  # 10 messages at 5/s with a burst of 5
