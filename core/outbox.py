@@ -58,6 +58,22 @@ def update(conn: Connection, message_id: str, **values) -> None:
     conn.execute(messages.update().where(messages.c.id == message_id).values(**values))
 
 
+def mark_in_flight(conn: Connection, message_id: str, claim: str, **values) -> bool:
+    """Commit "the request is about to leave" — only if the claim is still ours."""
+    now = time.time()
+    owned = conn.execute(
+        messages.update()
+        .where(
+            messages.c.id == message_id,
+            messages.c.claimed_by == claim,
+            messages.c.status == "sending",
+        )
+        .values(in_flight=True, updated_at=now, **values)
+        .returning(messages.c.id)
+    ).first()
+    return owned is not None
+
+
 def sweep_interrupted(conn: Connection) -> int:
     """Claims whose lease ran out while the request was in flight: the outcome is unknown."""
     now = time.time()

@@ -34,12 +34,12 @@ class Wakeup:
 class Runtime:
     def __init__(self, config: Config, *, engine: Engine | None = None):
         self.config = config
-        self.engine = engine or storage.make_engine(config.storage)
-        self.vault = Vault.from_config(config.security, config.storage.data_dir)
         # Compiling (and test-rendering) every template here means a bad template stops
         # start-up, not the first order.
         self.templates = TemplateSet(config.templates, config.sender)
         self.templates.check()
+        self.engine = engine or storage.make_engine(config.storage)
+        self.vault = Vault.from_config(config.security, config.storage.data_dir)
         self.wakeup = Wakeup()
 
     def prepare_database(self, *, migrate: bool | None = None) -> None:

@@ -8,6 +8,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -52,7 +53,9 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         # The lease must outlive the slowest provider request, or a second worker could
         # take over a message that is still on its way.
-        self.lease = max(config.worker.lease_seconds, config.provider.timeout_seconds * 2 + 5)
+        # A lease that runs out mid-request is safe: the row is in flight, so no one resends
+        # it (it becomes `unknown` until this worker records the real outcome).
+        self.lease = config.worker.lease_seconds
         self.bucket = TokenBucket(config.provider.rate_per_second)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -89,16 +92,20 @@ class Worker:
         """Claim one batch and send it; the number of messages handled."""
         self._maintain()
         with self.runtime.engine.begin() as conn:
-            rows = outbox.claim(conn, self.worker_id, lease=self.lease, limit=self.batch)
+            rows = outbox.claim(conn, self._claim_token(), lease=self.lease, limit=self.batch)
         for row in rows:
             if self.stop_event.is_set():
                 break  # unsent claims go back when their lease ends
             self._handle(row)
         return len(rows)
 
+    def _claim_token(self) -> str:
+        # Unique per claim, so a worker can tell its own claim from a later one on the row.
+        return f"{self.worker_id[:40]}:{uuid.uuid4().hex[:16]}"
+
     def _maintain(self) -> None:
         now = time.monotonic()
-        if now - self._last_maintenance < MAINTENANCE_SECONDS:
+        if now - self._last_maintenance < min(MAINTENANCE_SECONDS, self.lease):
             return
         self._last_maintenance = now
         with self.runtime.engine.begin() as conn:
@@ -114,10 +121,12 @@ class Worker:
     # -- one message -----------------------------------------------------------------------
 
     def _handle(self, row) -> None:
+        # Wait for the rate limit *before* marking the row in flight: a crash while waiting
+        # must leave a message that is safe to send, not one whose fate is unknown.
+        if not self.bucket.acquire(self.stop_event):
+            return
         prepared = self._prepare(row)
         if prepared is None:
-            return
-        if not self.bucket.acquire(self.stop_event):
             return
         started = time.monotonic()
         result = self.provider.send(prepared.message)
@@ -168,15 +177,18 @@ class Worker:
             if with_footer:
                 body = f"{body}\n{sender.footer}"
             info = count_segments(body)
-            outbox.update(
+            owned = outbox.mark_in_flight(
                 conn,
                 row.id,
-                in_flight=True,
+                row.claimed_by,
                 provider=self.provider.name,
                 body_enc=vault.encrypt(body) if with_footer else row.body_enc,
                 encoding=info.encoding,
                 segments=info.segments,
             )
+            if not owned:  # our lease ran out and another worker took the message over
+                log.warning("message %s: claim lost before sending; left to its new owner", row.id)
+                return None
         return Prepared(
             OutgoingMessage(row.id, to, body, info.segments, info.encoding),
             row.phone_index,

@@ -122,3 +122,23 @@ def twilio_section(fake: FakeTwilio, **extra: Any) -> dict[str, Any]:
         "from": FROM_NUMBER,
         **extra,
     }
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for test configs: tables of scalars and lists (no TOML writer in stdlib)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)

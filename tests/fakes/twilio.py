@@ -23,6 +23,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -332,8 +333,6 @@ def _error(code: int | None, status: int, **fmt: str) -> dict[str, Any]:
 
 def _quiet_handle_error(self, request, client_address) -> None:
     """Clients that time out and hang up are part of the tests, not errors worth a traceback."""
-    import sys
-
     if isinstance(sys.exc_info()[1], OSError):  # reset, broken pipe, closed by a Drop
         return
     ThreadingHTTPServer.handle_error(self, request, client_address)
