@@ -1,6 +1,6 @@
 """The baseline: the same waitress, same threads, serving a Flask route that reads the body.
 
-    python -m bench.bare_app --port 8081 --threads 8
+python -m bench.bare_app --port 8081 --threads 8
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args()
-    server = create_server(app, host="127.0.0.1", port=args.port, threads=args.threads, ident="txsms")
+    server = create_server(
+        app, host="127.0.0.1", port=args.port, threads=args.threads, ident="txsms"
+    )
     signal.signal(signal.SIGTERM, _terminate)
     try:
         server.run()

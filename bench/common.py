@@ -61,10 +61,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} not ready after {timeout:.0f}s (log: {log})")
         time.sleep(0.05)
@@ -80,7 +79,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _driver(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
+    scheme, _, rest = url.partition("://")
     return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else url
 
 

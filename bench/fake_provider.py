@@ -1,6 +1,6 @@
 """A FakeTwilio in a process of its own, so its CPU does not compete for the sender's GIL.
 
-    python -m bench.fake_provider      # prints the URL, serves until stdin closes or SIGTERM
+python -m bench.fake_provider      # prints the URL, serves until stdin closes or SIGTERM
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.common import PYTHON, ROOT, start, stop
 
 sys.path.insert(0, str(ROOT / "tests"))
-from fakes.twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio  # noqa: E402
+from fakes.twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio
 
 
 def provider_section(url: str, **extra) -> dict:
@@ -32,7 +32,9 @@ def provider_section(url: str, **extra) -> dict:
 
 def launch(stack: ExitStack, log: Path, timeout: float = 30.0) -> str:
     """Start the fake as a child (stopped when `stack` closes); its URL once it listens."""
-    proc = start([PYTHON, "-m", "bench.fake_provider"], log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = start(
+        [PYTHON, "-m", "bench.fake_provider"], log, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     stack.callback(stop, proc)
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)

@@ -37,7 +37,7 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
+    errors: int  # over the whole run, warm-up included
     answered: int  # successes, warm-up included: what the server must have stored
     server_cpu: float | None  # cores busy in the server process, over the window
     client_cpu: float  # cores busy in the load generator
@@ -46,7 +46,9 @@ class Result:
 def run(spec: Spec) -> Result:
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(spec.procs), ctx.Queue()
-    procs = [ctx.Process(target=_generate, args=(spec, n, barrier, queue)) for n in range(spec.procs)]
+    procs = [
+        ctx.Process(target=_generate, args=(spec, n, barrier, queue)) for n in range(spec.procs)
+    ]
     try:
         for p in procs:
             p.start()
@@ -61,7 +63,9 @@ def run(spec: Spec) -> Result:
     server = [p["server_cpu"] for p in parts if p["server_cpu"] is not None]
 
     def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
+        )
 
     return Result(
         rps=len(latencies) / spec.seconds,
@@ -125,11 +129,9 @@ def _connection(spec: Spec, tag: str, conn, window: tuple[float, float], stats: 
             conn.close()  # reconnects on the next request
         t1 = time.monotonic()
         stats["answered"] += ok
-        if start <= t0 and t1 <= end:
-            if ok:
-                stats["latencies"].append(t1 - t0)
-            else:
-                stats["errors"] += 1
+        stats["errors"] += not ok  # warm-up included: any error is one too many
+        if ok and start <= t0 and t1 <= end:
+            stats["latencies"].append(t1 - t0)
     conn.close()
 
 

@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -15,51 +14,14 @@ from sqlalchemy import select
 
 from txsms.core import consent as consent_mod
 from txsms.core import privacy, storage
-from txsms.core.config import Config, load_config
+from txsms.core.cliutil import config_option, iso, load, open_runtime, parse_phone
 from txsms.core.errors import ConfigError, TemplateError
 from txsms.core.events import CATEGORIES, EVENT_KINDS, Event, Recipient
 from txsms.core.logs import setup_logging
-from txsms.core.phones import PhoneError, normalize
 from txsms.core.redact import redact_phone
 from txsms.core.runtime import Runtime
 
 log = logging.getLogger("txsms")
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    envvar="TXSMS_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="Configuration file (default: $TXSMS_CONFIG).",
-)
-
-
-def _load(config_path: str | None) -> Config:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _runtime(config_path: str | None, *, migrate: bool | None = None) -> Runtime:
-    config = _load(config_path)
-    try:
-        runtime = Runtime(config)
-    except TemplateError as exc:
-        raise click.ClickException(f"{config.path}: {exc}") from None
-    runtime.prepare_database(migrate=migrate)
-    return runtime
-
-
-def _phone(runtime: Runtime, raw: str):
-    try:
-        return normalize(raw, runtime.config.sender.default_region)
-    except PhoneError as exc:
-        raise click.ClickException(f"{redact_phone(raw)}: {exc.reason}") from None
-
-
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
 @click.group()
@@ -83,7 +45,7 @@ def serve(config_path: str | None, show_numbers: bool) -> None:
     from txsms.core.worker import Worker
     from txsms.webhooks import create_app
 
-    runtime = _runtime(config_path)
+    runtime = open_runtime(config_path)
     cfg = runtime.config
     options = {"show_numbers": show_numbers} if cfg.provider.kind == "console" else {}
     worker = Worker(
@@ -129,7 +91,7 @@ def worker(config_path: str | None, concurrency: int | None) -> None:
     """Run a worker alone (scale-out: run as many as you like)."""
     from txsms.core.worker import Worker
 
-    runtime = _runtime(config_path)
+    runtime = open_runtime(config_path)
     w = Worker(runtime, concurrency=concurrency)
     stop = w.stop_event
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -148,7 +110,7 @@ def check_config(config_path: str | None) -> None:
     """Validate the configuration and render every template with sample data."""
     from txsms.core.templates import TemplateSet
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         rows = TemplateSet(config.templates, config.sender).check()
     except TemplateError as exc:
@@ -171,7 +133,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(config_path: str | None, revision: str) -> None:
     """Apply migrations."""
-    config = _load(config_path)
+    config = load(config_path)
     engine = storage.make_engine(config.storage)
     storage.upgrade(engine, revision)
     click.echo(f"database at revision {storage.current_revision(engine)}")
@@ -197,7 +159,7 @@ def send(config_path, phone, kind, data, key, locale) -> None:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
     if not isinstance(payload, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--data")
-    runtime = _runtime(config_path)
+    runtime = open_runtime(config_path)
     event = Event(
         source="cli",
         kind=kind,
@@ -225,9 +187,9 @@ def _message_json(runtime: Runtime, row) -> dict[str, Any]:
         "provider_message_id": row.provider_message_id,
         "error_code": row.error_code,
         "attempts": row.attempts,
-        "created_at": _iso(row.created_at),
-        "sent_at": _iso(row.sent_at),
-        "send_at": _iso(row.send_at),
+        "created_at": iso(row.created_at),
+        "sent_at": iso(row.sent_at),
+        "send_at": iso(row.send_at),
     }
 
 
@@ -239,11 +201,13 @@ def _message_json(runtime: Runtime, row) -> dict[str, Any]:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
 def messages(config_path, as_json, phone, status, limit) -> None:
     """List messages, newest first."""
-    runtime = _runtime(config_path)
+    runtime = open_runtime(config_path)
     table = storage.messages
     query = select(table).order_by(table.c.created_at.desc()).limit(limit)
     if phone:
-        query = query.where(table.c.phone_index == runtime.vault.index(_phone(runtime, phone).e164))
+        query = query.where(
+            table.c.phone_index == runtime.vault.index(parse_phone(runtime, phone).e164)
+        )
     if status:
         query = query.where(table.c.status == status)
     with runtime.engine.connect() as conn:
@@ -275,7 +239,7 @@ def _consent_report(runtime: Runtime, e164: str) -> dict[str, Any]:
         entries = consent_mod.ledger(conn, runtime.vault, index)
         off = sorted(consent_mod.disabled_categories(conn, index))
     for entry in entries:
-        entry["at"] = _iso(entry["at"])
+        entry["at"] = iso(entry["at"])
     return {
         "phone": redact_phone(e164),
         "transactional": state.transactional,
@@ -290,8 +254,8 @@ def _consent_report(runtime: Runtime, e164: str) -> dict[str, Any]:
 @click.argument("phone")
 @click.option("--json", "as_json", is_flag=True)
 def consent_show(config_path, phone, as_json) -> None:
-    runtime = _runtime(config_path)
-    report = _consent_report(runtime, _phone(runtime, phone).e164)
+    runtime = open_runtime(config_path)
+    report = _consent_report(runtime, parse_phone(runtime, phone).e164)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -306,8 +270,8 @@ def consent_show(config_path, phone, as_json) -> None:
 
 
 def _consent_change(config_path, phone, scope, action, note) -> None:
-    runtime = _runtime(config_path)
-    e164 = _phone(runtime, phone).e164
+    runtime = open_runtime(config_path)
+    e164 = parse_phone(runtime, phone).e164
     with runtime.engine.begin() as conn:
         consent_mod.record(
             conn,
@@ -356,8 +320,8 @@ def consent_opt_in(config_path, phone, scope, note) -> None:
 @click.argument("setting", type=click.Choice(["on", "off"]))
 def consent_category(config_path, phone, category, setting) -> None:
     """Switch one category of messages on or off for a number."""
-    runtime = _runtime(config_path)
-    e164 = _phone(runtime, phone).e164
+    runtime = open_runtime(config_path)
+    e164 = parse_phone(runtime, phone).e164
     with runtime.engine.begin() as conn:
         consent_mod.set_preference(conn, runtime.vault.index(e164), category, setting == "on")
     click.echo(f"{redact_phone(e164)}: {category} {setting}")
@@ -372,8 +336,8 @@ def consent_category(config_path, phone, category, setting) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def erase(config_path, phone, yes) -> None:
     """Erase a person's numbers, messages and order context (opt-outs are kept)."""
-    runtime = _runtime(config_path)
-    e164 = _phone(runtime, phone).e164
+    runtime = open_runtime(config_path)
+    e164 = parse_phone(runtime, phone).e164
     if not yes:
         click.confirm(f"Erase everything held about {redact_phone(e164)}?", abort=True)
     with runtime.engine.begin() as conn:
@@ -388,8 +352,8 @@ def erase(config_path, phone, yes) -> None:
 @click.argument("phone")
 def export(config_path, phone) -> None:
     """Write everything held about a person to a JSON file in the data directory."""
-    runtime = _runtime(config_path)
-    e164 = _phone(runtime, phone).e164
+    runtime = open_runtime(config_path)
+    e164 = parse_phone(runtime, phone).e164
     with runtime.engine.connect() as conn:
         path = privacy.export(
             conn, runtime.vault, runtime.vault.index(e164), runtime.config.storage.data_dir
@@ -409,7 +373,7 @@ def keygen() -> None:
 @config_option
 def rotate_keys(config_path) -> None:
     """Re-encrypt every stored value with the newest key in security.keys."""
-    runtime = _runtime(config_path)
+    runtime = open_runtime(config_path)
     total = 0
     with runtime.engine.begin() as conn:
         for table in storage.metadata.sorted_tables:
@@ -431,6 +395,30 @@ def rotate_keys(config_path) -> None:
                     )
                     total += 1
     click.echo(f"re-encrypted {total} row(s) with the newest key")
+
+
+@cli.group()
+def install() -> None:
+    """Register this receiver's webhooks with a platform."""
+
+
+@cli.group()
+def simulate() -> None:
+    """Post a correctly signed sample delivery to a running receiver."""
+
+
+def _add_connector_commands() -> None:
+    from txsms import connectors
+
+    for name in connectors.REGISTRY:
+        module = connectors.module(name)
+        for group, attr in ((install, "install_command"), (simulate, "simulate_command")):
+            command = getattr(module, attr, None)
+            if command is not None:
+                group.add_command(command, name)
+
+
+_add_connector_commands()
 
 
 def main() -> None:

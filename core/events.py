@@ -20,7 +20,13 @@ MESSAGE_KINDS: tuple[str, ...] = (
     "account.alert",
 )
 #: Kinds that change state instead of producing a message.
-CONTROL_KINDS: tuple[str, ...] = ("customer.consent", "privacy.redact", "privacy.data_request")
+#: `source.disabled` stops a source from sending (e.g. Shopify app/uninstalled).
+CONTROL_KINDS: tuple[str, ...] = (
+    "customer.consent",
+    "privacy.redact",
+    "privacy.data_request",
+    "source.disabled",
+)
 EVENT_KINDS: tuple[str, ...] = MESSAGE_KINDS + CONTROL_KINDS
 
 SHIPMENT_STATUSES: tuple[str, ...] = (
@@ -55,6 +61,17 @@ class Consent:
 
 
 @dataclass(frozen=True)
+class OrderRef:
+    """Ties an event to a platform order, so later deliveries that lack the number or the
+    order name (a Shopify refund, a WooCommerce status change) can still be addressed, and
+    deliveries older than what was already seen are ignored."""
+
+    ref: str  # the platform's order id, as a string (ids above 2**53 stay exact)
+    status: str | None = None
+    modified_at: float | None = None  # the platform's own last-modified time of the order
+
+
+@dataclass(frozen=True)
 class Event:
     source: str
     kind: str
@@ -64,3 +81,7 @@ class Event:
     occurred_at: float = field(default_factory=time.time)
     consent: Consent | None = None
     send_at: float | None = None
+    order: OrderRef | None = None
+    # A connector that knows the event must not send says why (e.g. "test_order"); the
+    # pipeline records the skip like any other decision.
+    skip: str | None = None

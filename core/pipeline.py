@@ -10,20 +10,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
-from txsms.core.events import MESSAGE_KINDS, Event
+from txsms.core.events import MESSAGE_KINDS, Event, Recipient
 from txsms.core.metrics import DECISIONS, EVENTS, platform_of
 from txsms.core.phones import Phone, PhoneError, normalize
 from txsms.core.policy import quiet_until
 from txsms.core.redact import redact_phone
 from txsms.core.runtime import Runtime
-from txsms.core.storage import events, insert_ignore, messages, recipients
+from txsms.core.storage import (
+    deliveries,
+    events,
+    insert_ignore,
+    messages,
+    order_context,
+    recipients,
+    sources,
+)
 from txsms.core.templates import build_context
 
 log = logging.getLogger(__name__)
@@ -42,7 +50,7 @@ class Decision:
 @dataclass
 class IngestResult:
     key: str
-    status: str  # "accepted" | "duplicate"
+    status: str  # "accepted" | "duplicate" | "stale" (older than what was seen; ignored)
     id: str
     messages: list[Decision] = field(default_factory=list)
 
@@ -51,11 +59,25 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def ingest(runtime: Runtime, batch: list[Event]) -> list[IngestResult]:
-    """Record `batch` durably; returns after the commit, one result per event."""
+def ingest(
+    runtime: Runtime, batch: list[Event], *, delivery: tuple[str, str] | None = None
+) -> list[IngestResult] | None:
+    """Record `batch` durably; returns after the commit, one result per event.
+
+    `delivery` is a platform's (source, delivery id): when that delivery was already
+    processed, nothing is done and None is returned.
+    """
     now = time.time()
     with runtime.engine.begin() as conn:
-        results = [_ingest_one(runtime, conn, event, now) for event in batch]
+        if delivery is not None and not insert_ignore(
+            conn,
+            deliveries,
+            {"source": delivery[0], "delivery_id": delivery[1], "received_at": now},
+            ["source", "delivery_id"],
+        ):
+            return None
+        disabled: dict[str, bool] = {}
+        results = [_ingest_one(runtime, conn, event, now, disabled) for event in batch]
     for event, result in zip(batch, results, strict=True):
         EVENTS.labels(platform_of(event.source), event.kind, result.status).inc()
         for d in result.messages:
@@ -65,7 +87,15 @@ def ingest(runtime: Runtime, batch: list[Event]) -> list[IngestResult]:
     return results
 
 
-def _ingest_one(runtime: Runtime, conn: Connection, event: Event, now: float) -> IngestResult:
+def _ingest_one(
+    runtime: Runtime, conn: Connection, event: Event, now: float, disabled: dict[str, bool]
+) -> IngestResult:
+    context = None
+    if event.order is not None:
+        context = _order_context(runtime, conn, event)
+        if context is not None and context.stale:
+            return IngestResult(event.key, "stale", "")
+        event = context.event if context is not None else event
     event_id = new_id()
     phone, phone_error = _parse_phone(runtime, event)
     index = runtime.vault.index(phone.e164) if phone else None
@@ -79,6 +109,7 @@ def _ingest_one(runtime: Runtime, conn: Connection, event: Event, now: float) ->
             "key": event.key,
             "kind": event.kind,
             "phone_index": index,
+            "order_ref": event.order.ref if event.order else None,
             "payload_enc": runtime.vault.encrypt_json(payload),
             "occurred_at": event.occurred_at,
             "received_at": now,
@@ -91,6 +122,8 @@ def _ingest_one(runtime: Runtime, conn: Connection, event: Event, now: float) ->
         ).scalar_one()
         return IngestResult(event.key, "duplicate", existing)
     result = IngestResult(event.key, "accepted", event_id)
+    if context is not None:
+        _save_order_context(runtime, conn, event, index, context, now)
 
     if phone is not None:
         _remember_recipient(runtime, conn, phone, index, now)
@@ -106,16 +139,128 @@ def _ingest_one(runtime: Runtime, conn: Connection, event: Event, now: float) ->
             at=event.occurred_at,
         )
     if event.kind == "privacy.redact":
-        privacy.erase(conn, index, source=event.source, whole_source=index is None)
+        counts = privacy.erase(
+            conn,
+            index,
+            source=event.source,
+            whole_source=event.data.get("scope") == "source",
+            order_refs=[str(ref) for ref in event.data.get("order_refs", [])],
+        )
+        log.info("erased for %s: %s", event.source, counts)
     elif event.kind == "privacy.data_request" and index is not None:
-        privacy.export(
+        path = privacy.export(
             conn, runtime.vault, index, runtime.config.storage.data_dir, source=event.source
         )
+        log.info("data request from %s: export written to %s", event.source, path)
+    elif event.kind == "source.disabled":
+        set_source_disabled(conn, event.source, event.data.get("reason") or "disabled")
+        disabled[event.source] = True
     elif event.kind in MESSAGE_KINDS:
+        if event.source not in disabled:
+            disabled[event.source] = source_disabled(conn, event.source)
+        skip = "source_disabled" if disabled[event.source] else event.skip
+        if skip is None and phone is None and context is not None and not context.known:
+            skip = "unknown_order"
         result.messages.append(
-            _decide(runtime, conn, event, event_id, phone, phone_error, index, now)
+            _decide(runtime, conn, event, event_id, phone, phone_error, index, now, skip)
         )
     return result
+
+
+@dataclass
+class _Context:
+    event: Event  # the event with what the stored context adds (recipient, order data)
+    known: bool  # the order was seen before
+    stale: bool  # the platform says this delivery is older than what was seen
+    last_modified: float | None
+
+
+def _order_context(runtime: Runtime, conn: Connection, event: Event) -> _Context:
+    """Fill what a later delivery lacks from what earlier deliveries of the order said."""
+    order = event.order
+    row = conn.execute(
+        select(order_context).where(
+            order_context.c.source == event.source, order_context.c.order_ref == order.ref
+        )
+    ).first()
+    if row is None:
+        return _Context(event, False, False, order.modified_at)
+    last = row.last_modified
+    if order.modified_at is not None and last is not None and order.modified_at < last:
+        return _Context(event, True, True, last)
+    stored = runtime.vault.decrypt_json(row.context_enc) or {}
+    recipient = event.recipient
+    if not recipient.phone and stored.get("recipient"):
+        known = {
+            k: v for k, v in stored["recipient"].items() if k in Recipient.__dataclass_fields__
+        }
+        recipient = replace(
+            Recipient(**known),
+            **{k: v for k, v in recipient.__dict__.items() if v is not None and k != "phone"},
+        )
+    data = _deep_merge(stored.get("data") or {}, event.data)
+    modified = max(filter(None, (order.modified_at, row.last_modified)), default=None)
+    return _Context(replace(event, recipient=recipient, data=data), True, False, modified)
+
+
+def _save_order_context(runtime, conn, event: Event, index, context: _Context, now) -> None:
+    values = {
+        "phone_index": index,
+        "context_enc": runtime.vault.encrypt_json(
+            {"recipient": event.recipient.__dict__, "data": event.data}
+        ),
+        "last_status": event.order.status,
+        "last_modified": context.last_modified,
+        "updated_at": now,
+    }
+    if context.known:
+        if event.order.status is None:
+            del values["last_status"]
+        conn.execute(
+            order_context.update()
+            .where(
+                order_context.c.source == event.source,
+                order_context.c.order_ref == event.order.ref,
+            )
+            .values(**values)
+        )
+    else:
+        insert_ignore(
+            conn,
+            order_context,
+            {"source": event.source, "order_ref": event.order.ref, **values},
+            ["source", "order_ref"],
+        )
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        elif value not in (None, "") or key not in merged:
+            merged[key] = value
+    return merged
+
+
+def source_disabled(conn: Connection, source: str) -> bool:
+    return (
+        conn.execute(select(sources.c.disabled_at).where(sources.c.source == source)).scalar()
+        is not None
+    )
+
+
+def set_source_disabled(conn: Connection, source: str, reason: str | None) -> None:
+    """Disable (reason given) or re-enable (None) a source, e.g. a shop that uninstalled."""
+    now = time.time()
+    values = {"disabled_at": now if reason else None, "reason": reason, "updated_at": now}
+    if not conn.execute(
+        sources.update()
+        .where(sources.c.source == source)
+        .values(**values)
+        .returning(sources.c.source)
+    ).first():
+        conn.execute(sources.insert().values(source=source, **values))
 
 
 def _parse_phone(runtime: Runtime, event: Event) -> tuple[Phone | None, str | None]:
@@ -144,7 +289,7 @@ def _remember_recipient(runtime, conn, phone: Phone, index: str, now: float) -> 
     )
 
 
-def _decide(runtime, conn, event, event_id, phone, phone_error, index, now) -> Decision:
+def _decide(runtime, conn, event, event_id, phone, phone_error, index, now, skip) -> Decision:
     config = runtime.config
     template = runtime.templates.resolve(event.kind, event.recipient.locale)
     row: dict[str, Any] = {
@@ -153,6 +298,7 @@ def _decide(runtime, conn, event, event_id, phone, phone_error, index, now) -> D
         "source": event.source,
         "kind": event.kind,
         "idempotency_key": f"{event.source}|{event.key}|{event.kind}",
+        "order_ref": event.order.ref if event.order else None,
         "phone_index": index,
         "to_enc": runtime.vault.encrypt(phone.e164) if phone else None,
         "locale": template.locale,
@@ -179,6 +325,8 @@ def _decide(runtime, conn, event, event_id, phone, phone_error, index, now) -> D
             log.info("message %s %s skipped: %s", row["id"], event.kind, reason)
         return Decision(row["id"], status, reason)
 
+    if skip is not None:
+        return decide("skipped", skip)
     if phone is None:
         return decide("skipped", phone_error)
     invalid = conn.execute(

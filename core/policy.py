@@ -15,8 +15,10 @@ def _in_window(local: dtime, start: dtime, end: dtime) -> bool:
 
 def _window_end_after(moment: datetime, zone: ZoneInfo, end: dtime) -> datetime:
     local = moment.astimezone(zone)
-    candidate = datetime.combine(local.date(), end, tzinfo=zone)
-    if candidate <= local:
+    candidate = datetime.combine(local.date(), end, tzinfo=zone).astimezone(UTC)
+    # Compare in UTC: two times in one zone compare by wall clock, which on the night the
+    # clocks go back would put the window's end before `moment`.
+    if candidate <= moment:
         candidate = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=zone)
     return candidate.astimezone(UTC)
 

@@ -26,16 +26,29 @@ from txsms.core.storage import (
 
 
 def erase(
-    conn: Connection, index: str | None, *, source: str | None = None, whole_source: bool = False
+    conn: Connection,
+    index: str | None,
+    *,
+    source: str | None = None,
+    whole_source: bool = False,
+    order_refs: list[str] | None = None,
 ) -> dict[str, int]:
-    """Erase a person (`index`, optionally only what `source` holds) or everything of `source`."""
+    """Erase a person (`index`, optionally only what `source` holds) or everything of `source`.
+
+    `order_refs` (with `source`) also erases those orders, whoever they were addressed to:
+    Shopify's customers/redact names the orders to redact.
+    """
     if whole_source:
         if source is None:
             raise ValueError("whole_source needs a source")
         return _erase_where(conn, source=source, index=None)
+    counts: dict[str, int] = {}
+    if order_refs and source is not None:
+        counts = _erase_where(conn, source=source, index=None, order_refs=order_refs)
     if index is None:
-        return {}
-    counts = _erase_where(conn, source=source, index=index)
+        return counts
+    for what, n in _erase_where(conn, source=source, index=index).items():
+        counts[what] = counts.get(what, 0) + n
     remaining = conn.execute(select(messages.c.id).where(messages.c.phone_index == index)).first()
     if source is None or remaining is None:
         counts["recipients"] = conn.execute(
@@ -44,13 +57,17 @@ def erase(
     return counts
 
 
-def _erase_where(conn: Connection, *, source: str | None, index: str | None) -> dict[str, int]:
+def _erase_where(
+    conn: Connection, *, source: str | None, index: str | None, order_refs: list[str] | None = None
+) -> dict[str, int]:
     def where(table):
         clauses = []
         if index is not None:
             clauses.append(table.c.phone_index == index)
         if source is not None:
             clauses.append(table.c.source == source)
+        if order_refs is not None and "order_ref" in table.c:
+            clauses.append(table.c.order_ref.in_(order_refs))
         return clauses
 
     provider_ids = [
@@ -70,13 +87,16 @@ def _erase_where(conn: Connection, *, source: str | None, index: str | None) -> 
     ).rowcount
     # Event rows stay (without their payload) so a redelivery is still recognised as a
     # duplicate and does not text the person again; a whole source goes entirely.
-    if index is None:
+    if index is None and order_refs is None:
         counts["events"] = conn.execute(events.delete().where(*where(events))).rowcount
     else:
         counts["events"] = conn.execute(
             events.update().where(*where(events)).values(payload_enc=None, phone_index=None)
         ).rowcount
-    conn.execute(consent_ledger.update().where(*where(consent_ledger)).values(evidence_enc=None))
+    if order_refs is None:  # the ledger is per person, not per order
+        conn.execute(
+            consent_ledger.update().where(*where(consent_ledger)).values(evidence_enc=None)
+        )
     return counts
 
 

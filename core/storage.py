@@ -42,9 +42,11 @@ events = Table(
     Column("kind", String(40), nullable=False),
     Column("phone_index", String(64), index=True),
     Column("payload_enc", LargeBinary),  # recipient + data, for audit and erasure export
+    Column("order_ref", String(200)),
     Column("occurred_at", Float, nullable=False),
     Column("received_at", Float, nullable=False),
     UniqueConstraint("source", "key", name="uq_events_source_key"),
+    Index("ix_events_source_order", "source", "order_ref"),
 )
 
 messages = Table(
@@ -55,6 +57,7 @@ messages = Table(
     Column("source", String(200), nullable=False),
     Column("kind", String(40), nullable=False),
     Column("idempotency_key", String(600), nullable=False, unique=True),
+    Column("order_ref", String(200)),
     Column("phone_index", String(64)),
     Column("to_enc", LargeBinary),
     Column("body_enc", LargeBinary),
@@ -83,6 +86,7 @@ messages = Table(
     Column("finished_at", Float),
     Index("ix_messages_status_send_at", "status", "send_at"),
     Index("ix_messages_phone_created", "phone_index", "created_at"),
+    Index("ix_messages_source_order", "source", "order_ref"),
 )
 
 recipients = Table(
@@ -149,6 +153,26 @@ order_context = Table(
     Column("context_enc", LargeBinary),  # recipient and template data for later deliveries
     Column("last_status", String(40)),
     Column("last_modified", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    # A platform's own delivery id (Shopify X-Shopify-Event-Id): a redelivery is answered
+    # at once, before any translation.
+    Column("source", String(200), primary_key=True),
+    Column("delivery_id", String(200), primary_key=True),
+    Column("received_at", Float, nullable=False, index=True),
+)
+
+sources = Table(
+    "sources",
+    metadata,
+    Column("source", String(200), primary_key=True),
+    Column("disabled_at", Float),  # set: nothing from this source is sent
+    Column("reason", String(64)),
     Column("updated_at", Float, nullable=False),
 )
 

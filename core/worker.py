@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import SEND_SECONDS, SENDS
+from txsms.core.pipeline import source_disabled
 from txsms.core.providers import Outcome, OutgoingMessage, Provider, ProviderResult, make_provider
 from txsms.core.ratelimit import TokenBucket
 from txsms.core.redact import redact_phone
@@ -147,7 +148,9 @@ class Worker:
                 ).first()
                 state = consent.state(conn, row.phone_index)
                 reason = None
-                if state.opted_out:
+                if source_disabled(conn, row.source):
+                    reason = "source_disabled"
+                elif state.opted_out:
                     reason = "opted_out"
                 elif row.category == "marketing" and state.marketing != "opted_in":
                     reason = "not_opted_in"

@@ -1,0 +1,107 @@
+"""Ingest: `POST /api/v1/events` on `txsms serve` against a bare Flask route on the same waitress.
+
+Both servers run in a child process with the same thread count (the config's default), and the
+txsms one sends what it ingests to the fake Twilio through its in-process worker, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench import load
+from bench.common import API_TOKEN, KEY, PYTHON, TXSMS, free_port, start, stop, wait_http
+from bench.fake_provider import provider_section
+
+PHONES = [f"+1 415 555 01{i:02d}" for i in range(20)]
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_TOKEN}"}
+
+
+def event_body(tag: str, n: int) -> bytes:
+    """A realistic order event; `tag` and `n` make its key distinct."""
+    number = f"{tag}.{n}"
+    event = {
+        "kind": "order.created",
+        "key": f"order:{number}:created",
+        "recipient": {"phone": PHONES[n % len(PHONES)], "name": "Ada"},
+        "data": {"order": {"number": f"#{number}", "total": "$25.00"}},
+    }
+    return json.dumps(event).encode()
+
+
+def _spec(port: int, status: int, pid: int, args) -> load.Spec:
+    return load.Spec(
+        port=port,
+        path="/api/v1/events",
+        headers=HEADERS,
+        body=event_body,
+        status=status,
+        connections=args.connections,
+        procs=args.procs,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        server_pid=pid,
+    )
+
+
+def bare(args, tmp: Path, threads: int) -> load.Result:
+    port, log = free_port(), tmp / "bare.log"
+    cmd = [PYTHON, "-m", "bench.bare_app", "--port", str(port), "--threads", str(threads)]
+    with ExitStack() as stack:
+        proc = start(cmd, log)
+        stack.callback(stop, proc)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        return load.run(_spec(port, 200, proc.pid, args))
+
+
+def txsms(args, tmp: Path, db_url: str, fake_url: str) -> load.Result:
+    """`txsms serve` on `db_url` (fresh and migrated); checks every 202 left an event behind."""
+    port, log, config = free_port(), tmp / "serve.log", tmp / "serve.toml"
+    config.write_text(
+        _toml(
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "public_url": f"http://127.0.0.1:{port}",
+                },
+                "storage": {"url": db_url, "data_dir": str(tmp / "data")},
+                "security": {"keys": [KEY], "api_tokens": [API_TOKEN]},
+                "sender": {"name": "Bench Shop", "default_region": "US", "timezone": "UTC"},
+                "provider": provider_section(fake_url),
+            }
+        )
+    )
+    with ExitStack() as stack:
+        proc = start([TXSMS, "serve", "--config", str(config)], log)
+        stack.callback(stop, proc)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        result = load.run(_spec(port, 202, proc.pid, args))
+    stored = _count_events(db_url)
+    if stored != result.answered:
+        raise RuntimeError(f"{result.answered} events answered 202 but {stored} stored")
+    return result
+
+
+def _count_events(db_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from txsms.core import storage
+    from txsms.core.config import StorageConfig
+
+    engine = storage.make_engine(StorageConfig(url=db_url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(storage.events)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _toml(sections: dict[str, dict]) -> str:
+    """Enough TOML for a config: JSON scalars and lists of strings are valid TOML values."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""Storage: the hand-kept migration matches the tables, upgrades are idempotent, SQLite runs in
+WAL with the configured durability, and insert_ignore tells an insert from a conflict."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import closing
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import make_config
+from sqlalchemy import Engine, func, inspect, select, text
+
+from txsms.core import storage
+from txsms.core.config import StorageConfig
+
+
+@pytest.fixture
+def engine(database_url) -> Engine:
+    engine = storage.make_engine(StorageConfig(url=database_url))
+    yield engine
+    engine.dispose()
+
+
+def schema_diff(engine: Engine) -> list:
+    """What Alembic autogenerate would write to turn the database into `storage.metadata`."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": True}
+        )
+        return compare_metadata(context, storage.metadata)
+
+
+def schema_snapshot(engine: Engine) -> dict:
+    inspector = inspect(engine)
+    return {
+        name: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
+            sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(name)),
+            sorted(str(u["column_names"]) for u in inspector.get_unique_constraints(name)),
+        )
+        for name in sorted(inspector.get_table_names())
+    }
+
+
+def test_migrated_database_matches_the_table_definitions(engine):
+    storage.upgrade(engine)
+    assert storage.current_revision(engine) == storage.head_revision()
+    assert schema_diff(engine) == []
+
+
+def test_the_schema_comparison_notices_a_drift(engine):
+    # The check above is only worth something if a difference shows up: drop one index.
+    storage.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_messages_status_send_at"))
+    diff = schema_diff(engine)
+    assert [(d[0], d[1].name) for d in diff] == [("add_index", "ix_messages_status_send_at")]
+
+
+def test_every_table_is_created_by_the_migration(engine):
+    storage.upgrade(engine)
+    tables = set(inspect(engine).get_table_names())
+    assert set(storage.metadata.tables) <= tables
+    assert tables - set(storage.metadata.tables) == {"alembic_version"}
+
+
+def test_upgrading_twice_changes_nothing(engine):
+    storage.upgrade(engine)
+    before = schema_snapshot(engine)
+    now = time.time()
+    with engine.begin() as conn:
+        conn.execute(storage.cursors.insert().values(name="crm:x", value="42", updated_at=now))
+
+    storage.upgrade(engine)
+
+    assert schema_snapshot(engine) == before
+    assert storage.current_revision(engine) == storage.head_revision()
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(text("alembic_version"))).scalar() == 1
+        assert conn.execute(select(storage.cursors.c.value)).scalars().all() == ["42"]
+
+
+def test_sqlite_runs_in_wal_with_full_synchronous_by_default(tmp_path, sqlite_url):
+    config = make_config(tmp_path, sqlite_url)
+    assert config.storage.sqlite_synchronous == "FULL"
+    engine = storage.make_engine(config.storage)
+    try:
+        storage.upgrade(engine)
+        # Every pooled connection gets the pragmas, not only the first one. Raw DBAPI
+        # connections: a SQLAlchemy transaction would BEGIN IMMEDIATE and hold the write lock.
+        one, two = engine.raw_connection(), engine.raw_connection()
+        try:
+            for conn in (one, two):
+                cur = conn.cursor()
+                assert cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                assert cur.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+                assert cur.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+                assert cur.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+                cur.close()
+        finally:
+            one.close()
+            two.close()
+    finally:
+        engine.dispose()
+    # WAL is a property of the file: a plain connection without txsms's pragmas sees it too.
+    with closing(sqlite3.connect(tmp_path / "txsms.db")) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("normal", 1), ("EXTRA", 3), ("off", 0)])
+def test_sqlite_synchronous_follows_the_config(tmp_path, sqlite_url, setting, expected):
+    config = make_config(tmp_path, sqlite_url, storage={"sqlite_synchronous": setting})
+    engine = storage.make_engine(config.storage)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+
+def test_insert_ignore_reports_an_insert_then_a_conflict(engine):
+    storage.upgrade(engine)
+    table = storage.cursors
+    with engine.begin() as conn:
+        assert storage.insert_ignore(
+            conn, table, {"name": "a", "value": "1", "updated_at": 1.0}, ["name"]
+        )
+        assert not storage.insert_ignore(
+            conn, table, {"name": "a", "value": "2", "updated_at": 2.0}, ["name"]
+        )
+        # The conflict did not abort the transaction (PostgreSQL would refuse this otherwise).
+        assert storage.insert_ignore(
+            conn, table, {"name": "b", "value": "3", "updated_at": 3.0}, ["name"]
+        )
+    with engine.connect() as conn:
+        rows = conn.execute(select(table.c.name, table.c.value).order_by(table.c.name)).all()
+    assert [tuple(r) for r in rows] == [("a", "1"), ("b", "3")]
+
+
+def test_insert_ignore_on_a_composite_unique_key(engine):
+    storage.upgrade(engine)
+    row = {
+        "id": "e1",
+        "source": "api",
+        "key": "order:1:created",
+        "kind": "order.created",
+        "occurred_at": 1.0,
+        "received_at": 1.0,
+    }
+    conflict = ["source", "key"]
+    with engine.begin() as conn:
+        assert storage.insert_ignore(conn, storage.events, row, conflict)
+    with engine.begin() as conn:
+        assert not storage.insert_ignore(conn, storage.events, {**row, "id": "e2"}, conflict)
+        assert storage.insert_ignore(
+            conn, storage.events, {**row, "id": "e3", "source": "crm:x"}, conflict
+        )
+    with engine.connect() as conn:
+        ids = conn.execute(select(storage.events.c.id).order_by(storage.events.c.id)).scalars()
+        assert list(ids) == ["e1", "e3"]
