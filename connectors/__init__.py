@@ -7,7 +7,10 @@ from types import ModuleType
 
 #: name -> module; each module defines `Connector` (a connectors.base.Connector subclass)
 #: and may define click commands `install_command` and `simulate_command`.
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "shopify": "txsms.connectors.shopify",
+    "woocommerce": "txsms.connectors.woocommerce",
+}
 
 
 def module(name: str) -> ModuleType:

@@ -20,6 +20,7 @@ from txsms.core.events import CATEGORIES, EVENT_KINDS, Event, Recipient
 from txsms.core.logs import setup_logging
 from txsms.core.redact import redact_phone
 from txsms.core.runtime import Runtime
+from txsms.core.scheduler import Job, Scheduler
 
 log = logging.getLogger("txsms")
 
@@ -52,10 +53,12 @@ def serve(config_path: str | None, show_numbers: bool) -> None:
         runtime, make_provider(cfg.provider, public_url=cfg.server.public_url, **options)
     )
     app = create_app(runtime=runtime)
+    scheduler = Scheduler(_background_jobs(runtime))
     server = create_server(
         app, host=cfg.server.host, port=cfg.server.port, threads=cfg.server.threads, ident="txsms"
     )
     worker.start()
+    scheduler.start()
 
     def _terminate(signum, _frame):
         raise SystemExit(0)  # waitress's run() stops its loop and drains its threads on this
@@ -75,8 +78,21 @@ def serve(config_path: str | None, show_numbers: bool) -> None:
     finally:
         log.info("shutting down")
         server.close()
+        scheduler.stop()
         worker.stop()
         runtime.close()
+
+
+def _background_jobs(runtime: Runtime) -> list[Job]:
+    """Jobs the connectors ask `serve` to run (each module may define `background_jobs`)."""
+    from txsms import connectors
+
+    jobs: list[Job] = []
+    for name in connectors.REGISTRY:
+        make_jobs = getattr(connectors.module(name), "background_jobs", None)
+        if make_jobs is not None:
+            jobs += make_jobs(runtime)
+    return jobs
 
 
 @cli.command()
@@ -407,12 +423,21 @@ def simulate() -> None:
     """Post a correctly signed sample delivery to a running receiver."""
 
 
+@cli.group()
+def reconcile() -> None:
+    """Fetch what a platform may not have delivered and feed it through the pipeline."""
+
+
 def _add_connector_commands() -> None:
     from txsms import connectors
 
     for name in connectors.REGISTRY:
         module = connectors.module(name)
-        for group, attr in ((install, "install_command"), (simulate, "simulate_command")):
+        for group, attr in (
+            (install, "install_command"),
+            (simulate, "simulate_command"),
+            (reconcile, "reconcile_command"),
+        ):
             command = getattr(module, attr, None)
             if command is not None:
                 group.add_command(command, name)

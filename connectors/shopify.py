@@ -1,0 +1,16 @@
+"""shopify connector (being written)."""
+
+from __future__ import annotations
+
+from txsms.connectors.base import Connector as _Base
+from txsms.core.errors import SignatureError
+
+
+class Connector(_Base):
+    name = "shopify"
+
+    def verify(self, headers, body):
+        raise SignatureError("shopify connector is not configured")
+
+    def events(self, delivery, body):
+        return []
