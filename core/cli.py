@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -202,7 +203,10 @@ def _message_json(runtime: Runtime, row) -> dict[str, Any]:
         "to": redact_phone(runtime.vault.decrypt(row.to_enc)) if row.to_enc else None,
         "provider_message_id": row.provider_message_id,
         "error_code": row.error_code,
+        "error_text": row.error_text,
+        "provider_status": row.provider_status,
         "attempts": row.attempts,
+        "updated_at": iso(row.updated_at),
         "created_at": iso(row.created_at),
         "sent_at": iso(row.sent_at),
         "send_at": iso(row.send_at),
@@ -238,6 +242,32 @@ def messages(config_path, as_json, phone, status, limit) -> None:
                 f"{item['created_at']}  {row.id}  {row.kind:<22} {item['to'] or '-':<14} "
                 f"{row.status}{why}"
             )
+
+
+@cli.command()
+@config_option
+@click.argument("message_id")
+def resend(config_path, message_id) -> None:
+    """Send an `unknown` or `failed` message once more (you checked it did not arrive)."""
+    runtime = open_runtime(config_path)
+    table = storage.messages
+    with runtime.engine.begin() as conn:
+        row = conn.execute(
+            table.update()
+            .where(table.c.id == message_id, table.c.status.in_(("unknown", "failed")))
+            .values(
+                status="pending",
+                reason="resend",
+                in_flight=False,
+                send_at=time.time(),
+                updated_at=time.time(),
+                finished_at=None,
+            )
+            .returning(table.c.id)
+        ).first()
+    if row is None:
+        raise click.ClickException(f"no unknown or failed message with id {message_id}")
+    click.echo(f"message {message_id} queued again")
 
 
 # -- consent and preferences --------------------------------------------------------------

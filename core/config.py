@@ -344,7 +344,7 @@ class WorkerSchema(_Section):
     max_attempts = _int(1)
     backoff_base_seconds = _positive()
     backoff_max_seconds = _positive()
-    unknown_grace_seconds = _positive()
+    unknown_grace_seconds = fields.Float(validate=validate.Range(min=0))
 
 
 class TemplateSchema(_Section):

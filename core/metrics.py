@@ -8,6 +8,10 @@ EVENTS = Counter("txsms_events_total", "Events received", ["platform", "kind", "
 DECISIONS = Counter("txsms_decisions_total", "Message decisions at ingest", ["status", "reason"])
 SENDS = Counter("txsms_sends_total", "Provider send attempts", ["provider", "outcome"])
 SEND_SECONDS = Histogram("txsms_send_seconds", "Provider request time", ["provider"])
+INBOUND = Counter("txsms_inbound_total", "Inbound messages by keyword", ["provider", "keyword"])
+RECEIPTS = Counter("txsms_receipts_total", "Delivery receipts", ["provider", "status"])
+PROVIDER_ERRORS = Counter("txsms_provider_errors_total", "Provider errors", ["provider", "code"])
+MESSAGES = Counter("txsms_messages_total", "Message outcomes", ["status", "reason"])
 WEBHOOKS = Counter("txsms_http_requests_total", "Requests answered", ["route", "status"])
 
 

@@ -14,14 +14,22 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from txsms.core import consent, outbox
-from txsms.core.metrics import SEND_SECONDS, SENDS
+from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
 from txsms.core.pipeline import source_disabled
-from txsms.core.providers import Outcome, OutgoingMessage, Provider, ProviderResult, make_provider
+from txsms.core.providers import (
+    LookupUnavailable,
+    Outcome,
+    OutgoingMessage,
+    Provider,
+    ProviderResult,
+    make_provider,
+)
 from txsms.core.ratelimit import TokenBucket
 from txsms.core.redact import redact_phone
+from txsms.core.returnpath import REPLY_KIND, apply_early_receipts
 from txsms.core.runtime import Runtime
 from txsms.core.segments import count_segments
-from txsms.core.storage import recipients
+from txsms.core.storage import messages, recipients
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,7 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim one batch and send it; the number of messages handled."""
-        self._maintain()
+        self.maintain()
         with self.runtime.engine.begin() as conn:
             rows = outbox.claim(conn, self._claim_token(), lease=self.lease, limit=self.batch)
         for row in rows:
@@ -104,14 +112,18 @@ class Worker:
         # Unique per claim, so a worker can tell its own claim from a later one on the row.
         return f"{self.worker_id[:40]}:{uuid.uuid4().hex[:16]}"
 
-    def _maintain(self) -> None:
+    def maintain(self, *, force: bool = False) -> None:
+        """Housekeeping: interrupted claims become unknown, unknowns are settled where the
+        provider can be asked, expired bodies are purged. Runs every few seconds."""
         now = time.monotonic()
-        if now - self._last_maintenance < min(MAINTENANCE_SECONDS, self.lease):
+        if not force and now - self._last_maintenance < min(MAINTENANCE_SECONDS, self.lease):
             return
         self._last_maintenance = now
         with self.runtime.engine.begin() as conn:
             interrupted = outbox.sweep_interrupted(conn)
             outbox.purge_bodies(conn, self.runtime.config.security.retention_days)
+        if self.provider.can_lookup:
+            self._settle_unknown()
         if interrupted:
             log.warning(
                 "%d message(s) were in flight when a worker stopped: now 'unknown' "
@@ -133,6 +145,8 @@ class Worker:
         result = self.provider.send(prepared.message)
         SEND_SECONDS.labels(self.provider.name).observe(time.monotonic() - started)
         SENDS.labels(self.provider.name, result.outcome.value).inc()
+        if result.error_code:
+            PROVIDER_ERRORS.labels(self.provider.name, result.error_code).inc()
         self._record(row, prepared, result)
 
     def _prepare(self, row) -> Prepared | None:
@@ -140,7 +154,8 @@ class Worker:
         vault, sender = self.runtime.vault, self.runtime.config.sender
         with self.runtime.engine.begin() as conn:
             recipient = None
-            if row.phone_index:
+            is_reply = row.kind == REPLY_KIND  # a keyword's confirmation: no consent check
+            if row.phone_index and not is_reply:
                 recipient = conn.execute(
                     select(recipients.c.invalid_reason, recipients.c.footer_sent_at).where(
                         recipients.c.phone_index == row.phone_index
@@ -173,7 +188,8 @@ class Worker:
                 )
                 return None
             with_footer = bool(
-                sender.footer
+                not is_reply
+                and sender.footer
                 and (recipient is None or recipient.footer_sent_at is None)
                 and sender.footer not in body
             )
@@ -214,7 +230,7 @@ class Worker:
         to = redact_phone(prepared.message.to)
         with self.runtime.engine.begin() as conn:
             if outcome is Outcome.SENT:
-                outbox.update(
+                self._finish(
                     conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
                 )
                 if prepared.with_footer and prepared.index:
@@ -223,12 +239,16 @@ class Worker:
                         .where(recipients.c.phone_index == prepared.index)
                         .values(footer_sent_at=now, updated_at=now)
                     )
+                if result.provider_message_id:
+                    apply_early_receipts(
+                        self.runtime, conn, self.provider, result.provider_message_id
+                    )
                 log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
             elif (
                 outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts
             ):
                 delay = self._backoff(row.attempts, result.retry_after)
-                outbox.update(
+                self._finish(
                     conn, row.id, status="pending", reason="retry", send_at=now + delay, **common
                 )
                 log.warning(
@@ -239,7 +259,7 @@ class Worker:
                     delay,
                 )
             elif outcome is Outcome.UNKNOWN:
-                outbox.update(conn, row.id, status="unknown", reason="in_flight_error", **common)
+                self._finish(conn, row.id, status="unknown", reason="in_flight_error", **common)
                 log.error(
                     "message %s to %s: outcome unknown (%s); not resent blindly",
                     row.id,
@@ -252,7 +272,7 @@ class Worker:
                     Outcome.INVALID_NUMBER: "invalid_phone",
                     Outcome.RETRY: "retries_exhausted",
                 }.get(outcome, "provider_error")
-                outbox.update(
+                self._finish(
                     conn, row.id, status="failed", reason=reason, finished_at=now, **common
                 )
                 if outcome is Outcome.OPTED_OUT and prepared.index:
@@ -278,6 +298,57 @@ class Worker:
                     result.error_code,
                     result.error_text,
                 )
+
+    @staticmethod
+    def _finish(conn, message_id: str, *, status: str, reason: str | None, **values) -> None:
+        outbox.update(conn, message_id, status=status, reason=reason, **values)
+        MESSAGES.labels(status, reason or "").inc()
+
+    def _settle_unknown(self, limit: int = 20) -> None:
+        """Ask the provider about `unknown` messages after a grace period: found → take its
+        id and status; not found → send once more. Providers that cannot be asked leave
+        them for an operator (`txsms messages --status unknown`, `txsms resend ID`)."""
+        grace = self.runtime.config.worker.unknown_grace_seconds
+        vault = self.runtime.vault
+        with self.runtime.engine.connect() as conn:
+            rows = conn.execute(
+                select(messages)
+                .where(messages.c.status == "unknown", messages.c.updated_at < time.time() - grace)
+                .limit(limit)
+            ).all()
+        for row in rows:
+            try:
+                found = self.provider.lookup(
+                    vault.decrypt(row.to_enc), vault.decrypt(row.body_enc), since=row.created_at
+                )
+            except LookupUnavailable as exc:
+                log.warning("message %s stays unknown for now: %s", row.id, exc)
+                return
+            now = time.time()
+            if found is None:
+                values = {"status": "pending", "reason": "resend_after_lookup", "send_at": now}
+            else:
+                status = "sent" if found.outcome is Outcome.SENT else "failed"
+                values = {
+                    "status": status,
+                    "reason": "settled_by_lookup",
+                    "provider_message_id": found.provider_message_id,
+                    "provider_status": found.provider_status,
+                    "error_code": found.error_code,
+                    "sent_at": now,
+                    "finished_at": now,
+                }
+            with self.runtime.engine.begin() as conn:
+                settled = conn.execute(
+                    messages.update()
+                    .where(messages.c.id == row.id, messages.c.status == "unknown")
+                    .values(updated_at=now, in_flight=False, **values)
+                    .returning(messages.c.id)
+                ).first()
+            if settled:
+                log.warning("unknown message %s settled: %s", row.id, values["reason"])
+                if found is None:
+                    self.runtime.wakeup.notify()
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         cfg = self.runtime.config.worker

@@ -38,11 +38,12 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
     app.extensions["txsms"] = runtime
 
-    from txsms.webhooks import api, health, platforms
+    from txsms.webhooks import api, health, platforms, providers
 
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(platforms.bp)
+    app.register_blueprint(providers.bp)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

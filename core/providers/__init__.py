@@ -5,7 +5,16 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from txsms.core.providers.base import Outcome, OutgoingMessage, Provider, ProviderResult
+from txsms.core.providers.base import (
+    CallbackRequest,
+    InboundMessage,
+    LookupUnavailable,
+    Outcome,
+    OutgoingMessage,
+    Provider,
+    ProviderResult,
+    StatusReport,
+)
 
 if TYPE_CHECKING:
     from txsms.core.config import ProviderConfig
@@ -23,4 +32,15 @@ def make_provider(config: ProviderConfig, *, public_url: str | None = None, **op
     return cls(config, public_url=public_url, **options)
 
 
-__all__ = ["REGISTRY", "Outcome", "OutgoingMessage", "Provider", "ProviderResult", "make_provider"]
+__all__ = [
+    "REGISTRY",
+    "CallbackRequest",
+    "InboundMessage",
+    "LookupUnavailable",
+    "Outcome",
+    "OutgoingMessage",
+    "Provider",
+    "ProviderResult",
+    "StatusReport",
+    "make_provider",
+]

@@ -8,7 +8,8 @@ contract, because it decides between "try again", "never again" and "ask a human
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
@@ -45,6 +46,48 @@ class ProviderResult:
     segments: int | None = None  # the provider's count, when it reports one
 
 
+@dataclass(frozen=True)
+class CallbackRequest:
+    """A provider's webhook request, as the provider signed it."""
+
+    method: str
+    url: str  # the public URL the provider called: server.public_url + path + query
+    headers: Mapping[str, str]
+    body: bytes
+    form: Mapping[str, list[str]] = field(default_factory=dict)  # POST form fields
+    query: Mapping[str, list[str]] = field(default_factory=dict)
+
+    def params(self) -> dict[str, str]:
+        """Query and form fields, one value each (the last), for parsing."""
+        merged = {k: v[-1] for k, v in self.query.items() if v}
+        merged.update({k: v[-1] for k, v in self.form.items() if v})
+        return merged
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    sender: str  # the texter's number as the provider gives it
+    text: str
+    recipient: str | None = None  # our number
+    provider_message_id: str | None = None
+    # The provider already answered this keyword itself (Twilio Advanced Opt-Out sends
+    # OptOutType): record it, but send no second confirmation.
+    handled_keyword: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    provider_message_id: str
+    status: str  # normalised: "queued" | "sent" | "delivered" | "undelivered" | "failed"
+    error_code: str | None = None
+    error_text: str | None = None
+    segments: int | None = None
+
+
+class LookupUnavailable(Exception):
+    """The provider could not be asked right now; try to settle later."""
+
+
 class Provider(ABC):
     """Base of every provider. Subclasses read their settings in __init__ and fail eagerly."""
 
@@ -65,3 +108,31 @@ class Provider(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release connections."""
+
+    # -- the return path: inbound messages and delivery receipts ---------------------------
+
+    #: Error codes in receipts that mean the number can never receive SMS.
+    invalid_number_codes: ClassVar[frozenset[str]] = frozenset()
+
+    def verify_callback(self, request: CallbackRequest) -> bool:
+        """True only for a request signed by this provider; unsigned is refused (403)."""
+        return False
+
+    def parse_inbound(self, request: CallbackRequest) -> InboundMessage:
+        raise NotImplementedError(f"{self.name} does not receive messages")
+
+    def parse_status(self, request: CallbackRequest) -> list[StatusReport]:
+        raise NotImplementedError(f"{self.name} does not send delivery receipts")
+
+    def inbound_response(self, reply: str | None) -> tuple[bytes, str] | None:
+        """Providers that reply in the webhook's response (Twilio's TwiML) return (body,
+        content type); the others return None and the reply is queued as a message."""
+        return None
+
+    # Settling `unknown`: can the provider tell whether a message reached it?
+    can_lookup: ClassVar[bool] = False
+
+    def lookup(self, to: str, body: str, since: float) -> ProviderResult | None:
+        """The provider's record of a message with this body sent to `to` since `since`, or
+        None if it has none. Raises LookupUnavailable when it cannot be asked now."""
+        raise LookupUnavailable(f"{self.name} cannot be asked about sent messages")

@@ -8,19 +8,32 @@ for Messages create, so anything that may have reached it is UNKNOWN, never blin
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import ssl
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 import requests
 from urllib3.exceptions import NewConnectionError, ProtocolError
 
 from txsms.core.errors import ConfigError, TxsmsError
-from txsms.core.providers.base import Outcome, OutgoingMessage, Provider, ProviderResult
+from txsms.core.providers.base import (
+    CallbackRequest,
+    InboundMessage,
+    LookupUnavailable,
+    Outcome,
+    OutgoingMessage,
+    Provider,
+    ProviderResult,
+    StatusReport,
+)
 from txsms.core.redact import redact_phone, scrub
 
 if TYPE_CHECKING:
@@ -33,7 +46,7 @@ INVALID_NUMBER_CODES = frozenset({21211, 21614, 30005, 30006, 21217, 21401, 2140
 RETRY_CODES = frozenset({20429, 30001, 30003, 30008})
 
 
-class TwilioLookupError(TxsmsError):
+class TwilioLookupError(LookupUnavailable, TxsmsError):
     """`find_sent` could not ask Twilio; the caller must not conclude "never sent"."""
 
 
@@ -147,6 +160,108 @@ class TwilioProvider(Provider):
 
     def close(self) -> None:
         self.session.close()
+
+    # -- the return path ------------------------------------------------------------------
+
+    invalid_number_codes = frozenset({"30005", "30006", "21614"})
+    can_lookup = True
+
+    def verify_callback(self, request: CallbackRequest) -> bool:
+        """X-Twilio-Signature, as twilio's request_validator computes it (see providers.md)."""
+        given = request.headers.get("X-Twilio-Signature", "")
+        if not given:
+            return False
+        parts = urlsplit(request.url)
+        params: dict[str, list[str]] = {}
+        if "bodySHA256" in dict(parse_qsl(parts.query)):
+            # JSON bodies: the URL carries the body's hash and is signed alone.
+            expected = hashlib.sha256(request.body).hexdigest()
+            if not hmac.compare_digest(expected, dict(parse_qsl(parts.query))["bodySHA256"]):
+                return False
+        else:
+            params = {k: list(v) for k, v in request.form.items()}
+        # Twilio is inconsistent about ports: accept the URL without its port and with the
+        # scheme's default port.
+        default = {"https": 443, "http": 80}.get(parts.scheme, 443)
+        bare = parts._replace(netloc=parts.hostname or "")
+        ported = parts._replace(netloc=f"{parts.hostname}:{default}")
+        return any(
+            hmac.compare_digest(twilio_signature(self.config.auth_token, u.geturl(), params), given)
+            for u in (bare, ported)
+        )
+
+    def parse_inbound(self, request: CallbackRequest) -> InboundMessage:
+        p = request.params()
+        return InboundMessage(
+            sender=p.get("From", ""),
+            text=p.get("Body", ""),
+            recipient=p.get("To"),
+            provider_message_id=p.get("MessageSid") or p.get("SmsSid"),
+            handled_keyword=(p.get("OptOutType") or "").upper() or None,
+        )
+
+    def parse_status(self, request: CallbackRequest) -> list[StatusReport]:
+        p = request.params()
+        sid = p.get("MessageSid") or p.get("SmsSid")
+        if not sid:
+            return []
+        status = _STATUS.get((p.get("MessageStatus") or p.get("SmsStatus") or "").lower(), "queued")
+        code = p.get("ErrorCode") or None
+        return [StatusReport(sid, status, code, f"Twilio error {code}" if code else None)]
+
+    def inbound_response(self, reply: str | None) -> tuple[bytes, str]:
+        inner = f"<Message>{xml_escape(reply)}</Message>" if reply else ""
+        body = f'<?xml version="1.0" encoding="UTF-8"?><Response>{inner}</Response>'
+        return body.encode(), "application/xml"
+
+    def lookup(self, to: str, body: str, since: float) -> ProviderResult | None:
+        for found in self.find_sent(to, since):
+            if found.get("body") != body:
+                continue
+            created = _rfc2822(found.get("date_created"))
+            if created is not None and created < since - 120:  # an earlier, separate message
+                continue
+            status = _STATUS.get(str(found.get("status", "")).lower(), "queued")
+            outcome = Outcome.FAILED if status in ("failed", "undelivered") else Outcome.SENT
+            return ProviderResult(
+                outcome,
+                provider_message_id=found.get("sid"),
+                provider_status=found.get("status"),
+                error_code=str(found["error_code"]) if found.get("error_code") else None,
+                segments=_positive_int(found.get("num_segments")),
+            )
+        return None
+
+
+# Twilio's statuses, in ours. "accepted", "scheduled", "sending" are all still on the way.
+_STATUS = {
+    "accepted": "queued",
+    "scheduled": "queued",
+    "queued": "queued",
+    "sending": "queued",
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "delivered",
+    "undelivered": "undelivered",
+    "failed": "failed",
+    "canceled": "failed",
+}
+
+
+def twilio_signature(auth_token: str, url: str, params: dict[str, list[str]]) -> str:
+    """base64(HMAC-SHA1(token, url + sorted name+value pairs)); values sorted, de-duplicated."""
+    data = url + "".join(
+        name + value for name in sorted(params) for value in sorted(set(params[name]))
+    )
+    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _rfc2822(value: object) -> float | None:
+    try:
+        return parsedate_to_datetime(str(value)).timestamp() if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
