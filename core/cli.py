@@ -16,6 +16,7 @@ from sqlalchemy import select
 from txsms.core import consent as consent_mod
 from txsms.core import privacy, storage
 from txsms.core.cliutil import config_option, iso, load, open_runtime, parse_phone
+from txsms.core.crypto import DecryptionError
 from txsms.core.errors import ConfigError, TemplateError
 from txsms.core.events import CATEGORIES, EVENT_KINDS, Event, Recipient
 from txsms.core.logs import setup_logging
@@ -480,8 +481,15 @@ def main() -> None:
     try:
         cli(standalone_mode=True)
     except ConfigError as exc:  # pragma: no cover - load errors are turned into ClickException
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except DecryptionError:
+        click.echo(
+            "Error: stored data cannot be decrypted with security.keys: add the key it was "
+            "written with (keys are newest first; keep old ones until 'txsms rotate-keys')",
+            err=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -294,6 +294,20 @@ class SecuritySchema(_Section):
     api_tokens = fields.List(_secret16())
     retention_days = _int(1)
 
+    @validates_schema
+    def _index_key(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # The blind index must outlive every Fernet key: derived from one of them, it would
+        # change when a rotation drops that key, and every opt-out would stop matching.
+        if data.get("keys") and not data.get("index_key"):
+            raise ValidationError(
+                {
+                    "index_key": [
+                        "required with security.keys; it must never change, unlike the "
+                        "keys (make one with 'txsms keygen')"
+                    ]
+                }
+            )
+
 
 class SenderSchema(_Section):
     builds = SenderConfig

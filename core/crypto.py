@@ -5,8 +5,8 @@ so a key can be rotated in without a flag day: new writes use the newest key, ol
 readable, and `txsms rotate-keys` re-encrypts them.
 
 Look-ups by phone number go through a keyed HMAC ("blind index"). It must not change when the
-Fernet keys rotate, so it has its own key: `security.index_key`, or else one derived from the
-*oldest* Fernet key (the one a rotation keeps longest).
+Fernet keys rotate, so it has its own key, `security.index_key`, which never rotates (the
+configuration requires it beside `security.keys`). Development mode generates both.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from txsms.core.errors import TxsmsError
 log = logging.getLogger(__name__)
 
 DEV_KEY_FILE = "development.key"
+DEV_INDEX_FILE = "development.index-key"
 
 
 class DecryptionError(TxsmsError):
@@ -34,17 +35,19 @@ class DecryptionError(TxsmsError):
 
 
 class Vault:
-    def __init__(self, keys: list[str] | tuple[str, ...], index_key: str | None = None):
+    def __init__(self, keys: list[str] | tuple[str, ...], index_key: str):
         if not keys:
             raise ValueError("at least one Fernet key is needed")
+        if not index_key:
+            raise ValueError("an index key is needed")
         self._fernet = MultiFernet([Fernet(k) for k in keys])
-        seed = index_key.encode() if index_key else b"txsms-index:" + keys[-1].encode()
-        self._index_key = hashlib.sha256(seed).digest()
+        self._index_key = hashlib.sha256(b"txsms-index:" + index_key.encode()).digest()
 
     @classmethod
     def from_config(cls, security: SecurityConfig, data_dir: str | os.PathLike) -> Vault:
-        keys = list(security.keys) or [development_key(data_dir)]
-        return cls(keys, security.index_key)
+        if security.keys:
+            return cls(list(security.keys), security.index_key or "")
+        return cls([development_key(data_dir)], development_key(data_dir, DEV_INDEX_FILE))
 
     def encrypt(self, value: str | None) -> bytes | None:
         if value is None:
@@ -76,21 +79,27 @@ class Vault:
         return hmac.new(self._index_key, e164.encode(), hashlib.sha256).hexdigest()
 
 
-def development_key(data_dir: str | os.PathLike) -> str:
-    """Read or create the development key, and say so: it is no substitute for real keys."""
-    path = Path(data_dir) / DEV_KEY_FILE
+def development_key(data_dir: str | os.PathLike, name: str = DEV_KEY_FILE) -> str:
+    """Read or create a development key, and say so: it is no substitute for real keys."""
+    path = Path(data_dir) / name
     if path.exists():
         key = path.read_text().strip()
-        log.warning("using the development key in %s (set security.keys for production)", path)
+        if name == DEV_KEY_FILE:
+            log.warning(
+                "using the development key in %s (set security.keys and "
+                "security.index_key for production)",
+                path,
+            )
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Fernet.generate_key().decode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
-    log.warning(
-        "no security.keys configured: generated a development key in %s "
-        "(not for production: run 'txsms keygen' and set security.keys)",
-        path,
-    )
+    if name == DEV_KEY_FILE:
+        log.warning(
+            "no security.keys configured: generated a development key in %s "
+            "(not for production: run 'txsms keygen' and set security.keys and index_key)",
+            path,
+        )
     return key

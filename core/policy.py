@@ -14,13 +14,16 @@ def _in_window(local: dtime, start: dtime, end: dtime) -> bool:
 
 
 def _window_end_after(moment: datetime, zone: ZoneInfo, end: dtime) -> datetime:
-    local = moment.astimezone(zone)
-    candidate = datetime.combine(local.date(), end, tzinfo=zone).astimezone(UTC)
-    # Compare in UTC: two times in one zone compare by wall clock, which on the night the
-    # clocks go back would put the window's end before `moment`.
-    if candidate <= moment:
-        candidate = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=zone)
-    return candidate.astimezone(UTC)
+    day = moment.astimezone(zone).date()
+    # Every reading of "end" today and tomorrow, both sides of a clock change (fold), compared
+    # in UTC: two times in one zone compare by wall clock, which on the night the clocks go
+    # back would put the window's end before `moment` or skip its second occurrence.
+    candidates = (
+        datetime.combine(d, end, tzinfo=zone).replace(fold=fold).astimezone(UTC)
+        for d in (day, day + timedelta(days=1))
+        for fold in (0, 1)
+    )
+    return min(c for c in candidates if c > moment)
 
 
 def quiet_until(

@@ -287,8 +287,11 @@ class TemplateSet:
                 datas = [_merge(datas[0], {"shipment": {"status": x}}) for x in SHIPMENT_STATUSES]
             for locale in (None, *self.locales(kind)):
                 ctxs = [given[kind]] if kind in given else [fill(d, locale=locale) for d in datas]
-                for r in (self.render(kind, locale, ctx) for ctx in ctxs):
-                    rows.append(CheckRow(kind, r.locale, r.encoding, r.segments, r.body))
+                for ctx in ctxs:
+                    r = self.render(kind, locale, ctx)
+                    status = ctx["shipment"]["status"] if kind == "shipment.updated" else ""
+                    key = f"{kind}:{status}" if status else kind
+                    rows.append(CheckRow(key, r.locale, r.encoding, r.segments, r.body))
         return rows
 
 

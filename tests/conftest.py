@@ -21,6 +21,7 @@ from txsms.core.runtime import Runtime
 
 API_TOKEN = "test-api-token-0123456789abcdef"
 KEY = Fernet.generate_key().decode()
+INDEX_KEY = "test-index-key-0123456789abcdef"
 PG_URL = os.environ.get("TXSMS_TEST_DATABASE_URL")
 
 
@@ -74,7 +75,7 @@ def make_config(tmp_path, url: str, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"public_url": "https://sms.example.test"},
         "storage": {"url": url, "data_dir": str(tmp_path / "data")},
-        "security": {"keys": [KEY], "api_tokens": [API_TOKEN]},
+        "security": {"keys": [KEY], "index_key": INDEX_KEY, "api_tokens": [API_TOKEN]},
         "sender": {"name": "Test Shop", "default_region": "US", "timezone": "UTC"},
         "worker": {"poll_seconds": 0.05, "backoff_base_seconds": 0.2, "lease_seconds": 30},
     }

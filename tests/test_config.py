@@ -110,7 +110,7 @@ def test_values_are_normalised(section, given, attribute, stored):
 
 def test_security_lists_become_tuples():
     key = Fernet.generate_key().decode()
-    config = load({"security": {"keys": [key], "api_tokens": ["x" * 16]}})
+    config = load({"security": {"keys": [key], "index_key": "i" * 16, "api_tokens": ["x" * 16]}})
     assert config.security.keys == (key,)
     assert config.security.api_tokens == ("x" * 16,)
 
@@ -219,6 +219,11 @@ def test_substitution_uses_os_environ_by_default(monkeypatch):
         ),
         ({"security": {"api_tokens": ["short"]}}, "security.api_tokens.0", "at least 16"),
         ({"security": {"index_key": "short"}}, "security.index_key", "at least 16"),
+        (
+            {"security": {"keys": ["ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="]}},
+            "security.index_key",
+            "required with security.keys",
+        ),
         ({"security": {"retention_days": 0}}, "security.retention_days", "greater than or equal"),
         ({"server": {"port": 70000}}, "server.port", "65535"),
         ({"server": {"port": "eighty"}}, "server.port", "integer"),

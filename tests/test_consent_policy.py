@@ -43,9 +43,7 @@ FOLDS = [
     pytest.param(
         [MARKETING_IN, MARKETING_OUT], "allowed", "opted_out", id="marketing opt-in then out"
     ),
-    pytest.param(
-        [MARKETING_IN, START], "allowed", "opted_in", id="start keeps an existing opt-in"
-    ),
+    pytest.param([MARKETING_IN, START], "allowed", "opted_in", id="start keeps an existing opt-in"),
     pytest.param([STOP, STOP, START], "allowed", "not_opted_in", id="repeated stop"),
 ]
 
@@ -228,12 +226,6 @@ def test_fall_back_night_never_moves_a_message_into_the_past():
     assert result is not None and result > planned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: policy._window_end_after tries only fold=0 of the window end: on the "
-    "fall-back night, when the first (EDT) 01:15 has passed, it jumps to 01:15 the next day "
-    "instead of the second (EST) 01:15 five minutes later",
-)
 def test_fall_back_night_ends_the_window_at_its_second_occurrence():
     planned = at(NY, 2025, 11, 2, 1, 10, fold=1)
     result = quiet_until(planned, [NY], (dtime(0, 0), dtime(1, 15)))

@@ -23,7 +23,7 @@ BODY = "Test Shop: your order #1001 has shipped. Tracking 1Z999AA10123456784."
 
 
 def test_round_trip():
-    vault = Vault([OLD])
+    vault = Vault([OLD], INDEX_KEY)
     for value in (NUMBER, BODY, "", "Ünïcode ✓ 你好"):
         assert vault.decrypt(vault.encrypt(value)) == value
     assert vault.encrypt(None) is None
@@ -31,7 +31,7 @@ def test_round_trip():
 
 
 def test_json_round_trip():
-    vault = Vault([OLD])
+    vault = Vault([OLD], INDEX_KEY)
     value = {"phone": NUMBER, "items": [1, 2.5, None, True], "nested": {"a": "b"}}
     assert vault.decrypt_json(vault.encrypt_json(value)) == value
     assert vault.encrypt_json(None) is None
@@ -39,14 +39,14 @@ def test_json_round_trip():
 
 
 def test_decrypt_accepts_what_drivers_return_for_binary_columns():
-    vault = Vault([OLD])
+    vault = Vault([OLD], INDEX_KEY)
     token = vault.encrypt(NUMBER)
     assert vault.decrypt(memoryview(token)) == NUMBER
     assert vault.decrypt(bytearray(token)) == NUMBER
 
 
 def test_tokens_do_not_contain_the_plaintext():
-    vault = Vault([OLD])
+    vault = Vault([OLD], INDEX_KEY)
     first, second = vault.encrypt(NUMBER), vault.encrypt(NUMBER)
     assert first != second  # a fresh IV each time: equal numbers are not equal tokens
     for token in (first, second, vault.encrypt_json({"phone": NUMBER})):
@@ -58,64 +58,58 @@ def test_tokens_do_not_contain_the_plaintext():
 
 
 def test_a_foreign_key_raises_decryption_error():
-    token = Vault([OLD]).encrypt(NUMBER)
+    token = Vault([OLD], INDEX_KEY).encrypt(NUMBER)
     with pytest.raises(DecryptionError) as info:
-        Vault([OTHER]).decrypt(token)
+        Vault([OTHER], INDEX_KEY).decrypt(token)
     assert isinstance(info.value, TxsmsError)
     assert NUMBER not in str(info.value)
     with pytest.raises(DecryptionError):
-        Vault([OLD]).decrypt(b"not a fernet token")
+        Vault([OLD], INDEX_KEY).decrypt(b"not a fernet token")
     with pytest.raises(DecryptionError):
-        Vault([OTHER]).decrypt_json(Vault([OLD]).encrypt_json({"a": 1}))
+        Vault([OTHER], INDEX_KEY).decrypt_json(Vault([OLD], INDEX_KEY).encrypt_json({"a": 1}))
 
 
 def test_a_vault_needs_a_key():
     with pytest.raises(ValueError):
-        Vault([])
+        Vault([], INDEX_KEY)
 
 
 def test_rotation_old_tokens_stay_readable_and_rotate_to_the_newest_key():
-    old_token = Vault([OLD]).encrypt(NUMBER)
-    during = Vault([NEW, OLD])
+    old_token = Vault([OLD], INDEX_KEY).encrypt(NUMBER)
+    during = Vault([NEW, OLD], INDEX_KEY)
     assert during.decrypt(old_token) == NUMBER  # readable while both keys are configured
 
     new_write = during.encrypt(BODY)  # new writes use the newest key ...
-    assert Vault([NEW]).decrypt(new_write) == BODY
+    assert Vault([NEW], INDEX_KEY).decrypt(new_write) == BODY
     with pytest.raises(DecryptionError):
-        Vault([OLD]).decrypt(new_write)
+        Vault([OLD], INDEX_KEY).decrypt(new_write)
 
     rotated = during.rotate(old_token)  # ... and rotate() moves old tokens onto it
     assert rotated != old_token
-    assert Vault([NEW]).decrypt(rotated) == NUMBER
+    assert Vault([NEW], INDEX_KEY).decrypt(rotated) == NUMBER
     with pytest.raises(DecryptionError):
-        Vault([OLD]).decrypt(rotated)
+        Vault([OLD], INDEX_KEY).decrypt(rotated)
     assert during.rotate(memoryview(old_token)) is not None  # as PostgreSQL drivers may return
 
 
 def test_blind_index_is_deterministic_keyed_and_opaque():
-    index = Vault([OLD]).index(NUMBER)
-    assert index == Vault([OLD]).index(NUMBER)
+    index = Vault([OLD], INDEX_KEY).index(NUMBER)
+    assert index == Vault([OLD], INDEX_KEY).index(NUMBER)
     assert len(index) == 64 and int(index, 16) >= 0  # hex SHA-256
     assert "4155550100" not in index
-    assert Vault([OLD]).index("+14155550101") != index
-    assert Vault([OTHER]).index(NUMBER) != index  # keyed: another key, another index
-    assert Vault([OLD], INDEX_KEY).index(NUMBER) != index
-    assert Vault([OLD], INDEX_KEY).index(NUMBER) != Vault([OLD], INDEX_KEY + "x").index(NUMBER)
+    assert Vault([OLD], INDEX_KEY).index("+14155550101") != index
+    assert Vault([OLD], INDEX_KEY + "x").index(NUMBER) != index  # keyed: another key, another
 
 
-def test_blind_index_survives_a_rotation_with_an_index_key():
+def test_blind_index_survives_a_rotation():
     before = Vault([OLD], INDEX_KEY).index(NUMBER)
     assert Vault([NEW, OLD], INDEX_KEY).index(NUMBER) == before
     assert Vault([NEW], INDEX_KEY).index(NUMBER) == before  # even after the old key is gone
 
 
-def test_blind_index_without_an_index_key_follows_the_oldest_key():
-    before = Vault([OLD]).index(NUMBER)
-    assert Vault([NEW, OLD]).index(NUMBER) == before  # the oldest key stays: same index
-    assert Vault([OTHER, NEW, OLD]).index(NUMBER) == before
-    # Documented consequence: dropping the oldest key changes every index, which is why a
-    # deployment that will ever drop a key should set security.index_key.
-    assert Vault([NEW]).index(NUMBER) != before
+def test_an_index_key_is_required():
+    with pytest.raises(ValueError, match="index key"):
+        Vault([OLD], "")
 
 
 def test_development_key_is_created_once_with_mode_0600_and_reused(tmp_path, caplog):
@@ -146,15 +140,15 @@ def test_vault_from_config_uses_the_development_key_only_without_keys(tmp_path, 
     caplog.set_level(logging.WARNING, logger="txsms.core.crypto")
     data_dir = tmp_path / "data"
 
-    configured = Vault.from_config(SecurityConfig(keys=(OLD,)), data_dir)
+    configured = Vault.from_config(SecurityConfig(keys=(OLD,), index_key=INDEX_KEY), data_dir)
     assert not (data_dir / DEV_KEY_FILE).exists()
     assert not caplog.records
-    assert Vault([OLD]).decrypt(configured.encrypt(NUMBER)) == NUMBER
+    assert Vault([OLD], INDEX_KEY).decrypt(configured.encrypt(NUMBER)) == NUMBER
 
     first = Vault.from_config(SecurityConfig(), data_dir)
     second = Vault.from_config(SecurityConfig(), data_dir)  # e.g. after a restart
     assert second.decrypt(first.encrypt(NUMBER)) == NUMBER
     assert first.index(NUMBER) == second.index(NUMBER)
     dev_key = (data_dir / DEV_KEY_FILE).read_text().strip()
-    assert Vault([dev_key]).decrypt(first.encrypt(NUMBER)) == NUMBER
+    assert Vault([dev_key], INDEX_KEY).decrypt(first.encrypt(NUMBER)) == NUMBER
     assert len(caplog.records) == 2

@@ -220,7 +220,7 @@ def messages_json(runtime, tmp_path):
         to_toml(
             {
                 "storage": {"url": cfg.storage.url, "data_dir": cfg.storage.data_dir},
-                "security": {"keys": list(cfg.security.keys)},
+                "security": {"keys": list(cfg.security.keys), "index_key": cfg.security.index_key},
             }
         )
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_TOKEN, KEY, to_toml, twilio_section
+from conftest import API_TOKEN, INDEX_KEY, KEY, to_toml, twilio_section
 from fakes import wait_until
 from fakes.twilio import Delay
 
@@ -113,7 +113,7 @@ class Server:
 def base_config(tmp_path: Path, **sections) -> dict:
     config = {
         "storage": {"url": f"sqlite:///{tmp_path / 'txsms.db'}", "data_dir": str(tmp_path)},
-        "security": {"keys": [KEY], "api_tokens": [API_TOKEN]},
+        "security": {"keys": [KEY], "index_key": INDEX_KEY, "api_tokens": [API_TOKEN]},
         "sender": {"name": "Test Shop", "timezone": "UTC"},
         "worker": {"poll_seconds": 0.2, "lease_seconds": 1, "backoff_base_seconds": 0.2},
     }
