@@ -82,6 +82,15 @@ class ProviderConfig:
     auth_token: str | None = None
     from_: str | None = None  # TOML key "from"
     messaging_service_sid: str | None = None
+    # vonage: api_key, api_secret, signature_secret (+ signature_method) for signed webhooks
+    api_key: str | None = None
+    api_secret: str | None = None
+    signature_secret: str | None = None
+    signature_method: str = "sha256"  # md5hash | md5 | sha1 | sha256 | sha512
+    # plivo: auth_id + auth_token; messagebird: access_key + signing_key
+    auth_id: str | None = None
+    access_key: str | None = None
+    signing_key: str | None = None
     rate_per_second: float = 10.0
     timeout_seconds: float = 10.0
 
@@ -329,16 +338,36 @@ class ProviderSchema(_Section):
     auth_token = fields.String()
     from_ = fields.String(data_key="from")  # `from` is a Python keyword
     messaging_service_sid = fields.String()
+    api_key = fields.String()
+    api_secret = fields.String()
+    signature_secret = fields.String()
+    signature_method = Text(
+        str.lower, validate=_one_of(("md5hash", "md5", "sha1", "sha256", "sha512"), "method")
+    )
+    auth_id = fields.String()
+    access_key = fields.String()
+    signing_key = fields.String()
     rate_per_second = _positive()
     timeout_seconds = _positive()
 
+    #: kind -> the keys it cannot work without
+    REQUIRED = {
+        "twilio": ("account_sid", "auth_token"),
+        "vonage": ("api_key", "api_secret", "from_"),
+        "plivo": ("auth_id", "auth_token", "from_"),
+        "messagebird": ("access_key", "from_"),
+    }
+
     @validates_schema
-    def _twilio(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if data.get("kind") != "twilio":
-            return
-        needed = 'required when kind = "twilio"'
-        errors = {k: [needed] for k in ("account_sid", "auth_token") if not data.get(k)}
-        if not (data.get("from_") or data.get("messaging_service_sid")):
+    def _required(self, data: dict[str, Any], **kwargs: Any) -> None:
+        kind = data.get("kind")
+        needed = f'required when kind = "{kind}"'
+        errors = {
+            ("from" if k == "from_" else k): [needed]
+            for k in self.REQUIRED.get(kind, ())
+            if not data.get(k)
+        }
+        if kind == "twilio" and not (data.get("from_") or data.get("messaging_service_sid")):
             errors["from"] = [f'"from" or "messaging_service_sid" is {needed}']
         if errors:
             raise ValidationError(errors)

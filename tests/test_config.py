@@ -196,7 +196,8 @@ def test_substitution_uses_os_environ_by_default(monkeypatch):
         ({"provider": {"zzz": 1}}, "provider.zzz", "unknown key"),
         ({"sevrer": {}}, "sevrer", "unknown section (did you mean 'server'?)"),
         ({"provider": {"kind": "twillio"}}, "provider.kind", "did you mean 'twilio'?"),
-        ({"provider": {"kind": "vonage"}}, "provider.kind", "unknown provider kind 'vonage'"),
+        ({"provider": {"kind": "sinch"}}, "provider.kind", "unknown provider kind 'sinch'"),
+        ({"provider": {"kind": "vonage"}}, "provider.api_key", "required when kind = \"vonage\""),
         (
             {"templates": {"order.creatd": {"body": "x"}}},
             "templates.order.creatd",

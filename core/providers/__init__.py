@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "console": "txsms.core.providers.console:ConsoleProvider",
     "twilio": "txsms.core.providers.twilio:TwilioProvider",
+    "vonage": "txsms.core.providers.vonage:VonageProvider",
+    "plivo": "txsms.core.providers.plivo:PlivoProvider",
+    "messagebird": "txsms.core.providers.messagebird:MessageBirdProvider",
 }
 
 
