@@ -5,8 +5,10 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-#: name -> module; each module defines `Connector` (a connectors.base.Connector subclass)
-#: and may define click commands `install_command` and `simulate_command`.
+#: name -> module. A webhook platform defines `Connector` (a connectors.base.Connector
+#: subclass, served at POST /webhooks/<name>). Any module may define click commands
+#: `install_command`, `simulate_command`, `reconcile_command` (as `txsms install <name>` …),
+#: `commands` (top-level commands) and `background_jobs(runtime)` (run by `txsms serve`).
 REGISTRY: dict[str, str] = {
     "shopify": "txsms.connectors.shopify",
     "woocommerce": "txsms.connectors.woocommerce",

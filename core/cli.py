@@ -472,6 +472,8 @@ def _add_connector_commands() -> None:
             command = getattr(module, attr, None)
             if command is not None:
                 group.add_command(command, name)
+        for command in getattr(module, "commands", ()):  # e.g. the CRM poller's `txsms poll`
+            cli.add_command(command)
 
 
 _add_connector_commands()

@@ -433,17 +433,51 @@ class ShopifySchema(_Section):
 class StoreSchema(_Section):
     url = _url(required=True)
     secret = Secrets(required=True)
-    consumer_key = fields.String()
+    consumer_key = fields.String()  # ck_…, for reconciliation and `txsms install woocommerce`
     consumer_secret = fields.String()
     name = fields.String()
     locale = _locale()
-    status_events = fields.Dict(keys=fields.String(), values=fields.String())  # "": ignore it
+    # order status slug -> event kind, over the connector's defaults; "" sends nothing
+    status_events = fields.Dict(
+        keys=fields.String(),
+        values=Text(
+            validate=_one_of(
+                ("", *(k for k in MESSAGE_KINDS if k.startswith(("order.", "shipment.")))),
+                "event kind",
+            )
+        ),
+    )
+    # what a new shipment-tracking number sends; "" turns tracking messages off
+    tracking_event = Text(validate=_one_of(("", "order.fulfilled", "shipment.updated"), "kind"))
     reconcile_minutes = _int(1)
+
+    @validates_schema
+    def _rest_keys(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if bool(data.get("consumer_key")) != bool(data.get("consumer_secret")):
+            missing = "consumer_secret" if data.get("consumer_key") else "consumer_key"
+            raise ValidationError({missing: ["consumer_key and consumer_secret go together"]})
+        if data.get("reconcile_minutes") and not data.get("consumer_key"):
+            needed = "reconciliation reads the REST API: set consumer_key and consumer_secret"
+            raise ValidationError({"reconcile_minutes": [needed]})
 
 
 class WooCommerceSchema(_Section):
     unique = ("stores", "url")
     stores = fields.List(fields.Nested(StoreSchema), load_default=list)
+
+    @validates_schema
+    def _same_store(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # Deliveries pick their store by X-WC-Webhook-Source, whatever its scheme and case.
+        from urllib.parse import urlsplit
+
+        seen: list[tuple[str, str]] = []
+        for i, store in enumerate(data.get("stores", [])):
+            parts = urlsplit(store.get("url", ""))
+            key = (parts.netloc.lower(), parts.path.rstrip("/"))
+            if key in seen:
+                error = f"the same store as stores.{seen.index(key)} (scheme and case aside)"
+                raise ValidationError({"stores": {i: {"url": [error]}}})
+            seen.append(key)
 
 
 class CrmSchema(_Section):

@@ -20,12 +20,15 @@ MESSAGE_KINDS: tuple[str, ...] = (
     "account.alert",
 )
 #: Kinds that change state instead of producing a message.
-#: `source.disabled` stops a source from sending (e.g. Shopify app/uninstalled).
+#: `source.disabled` stops a source from sending (e.g. Shopify app/uninstalled);
+#: `messages.cancel` cancels the pending messages of one order or appointment (`Event.order`),
+#: e.g. the reminders of a moved or cancelled appointment (data: kinds, reason).
 CONTROL_KINDS: tuple[str, ...] = (
     "customer.consent",
     "privacy.redact",
     "privacy.data_request",
     "source.disabled",
+    "messages.cancel",
 )
 EVENT_KINDS: tuple[str, ...] = MESSAGE_KINDS + CONTROL_KINDS
 

@@ -152,6 +152,15 @@ def _ingest_one(
             conn, runtime.vault, index, runtime.config.storage.data_dir, source=event.source
         )
         log.info("data request from %s: export written to %s", event.source, path)
+    elif event.kind == "messages.cancel" and event.order is not None:
+        n = cancel_pending(
+            conn,
+            event.source,
+            event.order.ref,
+            event.data.get("kinds"),
+            event.data.get("reason") or "cancelled",
+        )
+        log.info("cancelled %d pending message(s) of %s %s", n, event.source, event.order.ref)
     elif event.kind == "source.disabled":
         set_source_disabled(conn, event.source, event.data.get("reason") or "disabled")
         disabled[event.source] = True
@@ -241,6 +250,23 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         elif value not in (None, "") or key not in merged:
             merged[key] = value
     return merged
+
+
+def cancel_pending(
+    conn: Connection, source: str, order_ref: str, kinds: list[str] | None, reason: str
+) -> int:
+    """Cancel what is still waiting to be sent for one order or appointment."""
+    query = messages.update().where(
+        messages.c.source == source,
+        messages.c.order_ref == order_ref,
+        messages.c.status.in_(("pending", "deferred")),
+    )
+    if kinds:
+        query = query.where(messages.c.kind.in_(kinds))
+    now = time.time()
+    return conn.execute(
+        query.values(status="cancelled", reason=reason, finished_at=now, updated_at=now)
+    ).rowcount
 
 
 def source_disabled(conn: Connection, source: str) -> bool:

@@ -206,3 +206,42 @@ def test_consent_event_records_an_opt_out(runtime):
     assert result.status == "accepted" and result.messages == []
     ingest(runtime, [order()])
     assert rows(runtime)[0].reason == "opted_out"
+
+
+def test_messages_cancel_cancels_what_is_pending_for_that_appointment(runtime):
+    from txsms.core.events import OrderRef
+
+    later = time.time() + 3600
+    appt = OrderRef(ref="appointment:7")
+    reminders = [
+        Event(
+            source="crm:x",
+            kind="appointment.reminder",
+            key=f"appt:7:reminder:{n}",
+            recipient=Recipient(phone=PHONE),
+            send_at=later + n,
+            order=appt,
+        )
+        for n in range(2)
+    ]
+    other = Event(
+        source="crm:x",
+        kind="appointment.reminder",
+        key="appt:8:reminder:0",
+        recipient=Recipient(phone=PHONE),
+        send_at=later,
+        order=OrderRef(ref="appointment:8"),
+    )
+    ingest(runtime, [*reminders, other])
+    cancel = Event(
+        source="crm:x",
+        kind="messages.cancel",
+        key="appt:7:cancel:1",
+        order=appt,
+        data={"kinds": ["appointment.reminder"], "reason": "appointment_moved"},
+    )
+    ingest(runtime, [cancel])
+    by_key = {r.idempotency_key.split("|")[1]: r for r in rows(runtime)}
+    assert [by_key[f"appt:7:reminder:{n}"].status for n in range(2)] == ["cancelled"] * 2
+    assert by_key["appt:7:reminder:0"].reason == "appointment_moved"
+    assert by_key["appt:8:reminder:0"].status == "deferred"

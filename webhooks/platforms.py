@@ -26,8 +26,8 @@ def _connector(platform: str) -> Connector:
 
 @bp.post("/webhooks/<platform>")
 def receive(platform: str):
-    if platform not in connectors.REGISTRY:
-        abort(404, f"no connector named {platform!r}")
+    if platform not in connectors.REGISTRY or not hasattr(connectors.module(platform), "Connector"):
+        abort(404, f"no webhook receiver named {platform!r}")
     connector = _connector(platform)
     body = request.get_data(cache=False)  # the raw bytes: signatures are over these
     try:
