@@ -20,7 +20,6 @@ from zoneinfo import ZoneInfo
 import phonenumbers
 from cryptography.fernet import Fernet
 from marshmallow import (
-    INCLUDE,
     RAISE,
     Schema,
     ValidationError,
@@ -423,11 +422,18 @@ class ShopSchema(_Section):
     name = fields.String()
     send_test_orders = fields.Boolean(load_default=False)
     locale = _locale()
+    admin_url = _url()  # the Admin API root instead of https://<domain> (tests, proxies)
 
 
 class ShopifySchema(_Section):
     unique = ("shops", "domain")
     shops = fields.List(fields.Nested(ShopSchema), load_default=list)
+    # The Admin API version `txsms install shopify` speaks (default: the connector's pin).
+    api_version = Text(
+        validate=validate.Regexp(
+            r"(\d{4}-(01|04|07|10)|unstable)\Z", error="expected a version such as '2026-07'"
+        )
+    )
 
 
 class StoreSchema(_Section):
@@ -480,13 +486,247 @@ class WooCommerceSchema(_Section):
             seen.append(key)
 
 
-class CrmSchema(_Section):
-    class Meta:
-        unknown = INCLUDE  # each kind's own keys, checked by its connector for now
+# -- [[crm]]: a CRM poller source (connectors/crm), loaded as plain dicts. Defaults live in the
+# connector, so a value left out stays out here.
 
+CRM_EVENTS = (*MESSAGE_KINDS, "customer.consent")
+_PATH = r"[^.\s]+(\.[^.\s]+)*\Z"  # a dotted field path into a record: properties.dealstage
+
+
+def _path(**kwargs: Any) -> Text:
+    return Text(
+        validate=validate.Regexp(_PATH, error="expected a field path such as 'a.b.c'"), **kwargs
+    )
+
+
+def _seconds(value: Any) -> int:
+    """A duration: "24h", "90m", "1d", "30s", or a number of seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([dhms]?)", str(value).strip())
+    if isinstance(value, bool) or not match:
+        raise ValidationError('expected a duration such as "24h", "90m" or "1d"')
+    seconds = float(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[match[2]]
+    if seconds <= 0:
+        raise ValidationError("must be more than zero")
+    return round(seconds)
+
+
+class _Converted(fields.Field):
+    """A value of any TOML type, checked and converted by a function."""
+
+    def __init__(self, convert: Callable[[Any], Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.convert = convert
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        return self.convert(value)
+
+
+def _paths(value: Any) -> list[str]:
+    """One field path, or several tried in order (the first with a value wins)."""
+    items = [value] if isinstance(value, str) else value
+    if not (isinstance(items, list) and items and all(isinstance(p, str) for p in items)):
+        raise ValidationError("expected a field path or a list of field paths")
+    bad = [p for p in items if not re.match(_PATH, p)]
+    if bad:
+        raise ValidationError(f"not a field path: '{bad[0]}'")
+    return list(items)
+
+
+def _key_template(key: str) -> None:
+    if "{id}" not in key:
+        raise ValueError(key)
+    key.format(record="", id="", event="", modified=0)
+
+
+def _context_map(value: Any, prefix: str = "") -> dict[str, str]:
+    """Template context path -> record field path; nested tables or dotted keys."""
+    if not isinstance(value, dict):
+        raise ValidationError("expected a table of template paths to field paths")
+    out: dict[str, str] = {}
+    for key, path in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(path, dict):
+            out.update(_context_map(path, f"{name}."))
+        elif not (isinstance(path, str) and re.match(_PATH, path)):
+            raise ValidationError({name: ["expected a field path such as 'properties.firstname'"]})
+        else:
+            out[name] = path
+    return out
+
+
+class ConditionSchema(_Section):
+    OPERATORS = ("equals", "not_equals", "in", "changed_to", "changed", "present")
+    field = _path(required=True)
+    equals = fields.Raw(allow_none=True)
+    not_equals = fields.Raw(allow_none=True)
+    in_ = fields.List(fields.Raw(), data_key="in")
+    changed_to = fields.Raw(allow_none=True)
+    changed = fields.Boolean()
+    present = fields.Boolean()
+
+    @validates_schema
+    def _one_operator(self, data: dict[str, Any], **kwargs: Any) -> None:
+        used = [
+            op
+            for op in ("equals", "not_equals", "in_", "changed_to", "changed", "present")
+            if op in data
+        ]
+        if len(used) != 1:
+            raise ValidationError(f"give exactly one of {', '.join(self.OPERATORS)}")
+
+
+def _conditions(value: Any) -> list[dict[str, Any]]:
+    """A condition table, or a list of them that must all hold."""
+    if isinstance(value, dict):
+        return [ConditionSchema().load(value)]
+    if not isinstance(value, list) or not value:
+        raise ValidationError("expected a condition table or a list of them")
+    loaded, errors = [], {}
+    for i, item in enumerate(value):
+        try:
+            loaded.append(ConditionSchema().load(item))
+        except ValidationError as exc:
+            errors[i] = exc.messages
+    if errors:
+        raise ValidationError(errors)
+    return loaded
+
+
+class CrmRuleSchema(_Section):
+    """One mapping rule: a condition on a record, and the event it makes."""
+
+    event = Text(required=True, validate=_one_of(CRM_EVENTS, "event kind"))
+    when = _Converted(_conditions)  # absent: every record
+    key = Text(
+        validate=_must(
+            _key_template, "must hold {id} and may use only {record}, {id}, {event} and {modified}"
+        )
+    )
+    repeat = fields.Boolean()  # a new event for every modification the condition holds on
+    phone = _Converted(_paths)
+    country = _Converted(_paths)
+    locale = _Converted(_paths)
+    name = _Converted(_paths)
+    timezone = _Converted(_paths)
+    customer_id = _Converted(_paths)
+    data = _Converted(_context_map)
+    starts_at = _path()  # appointments: when it starts
+    reminders = fields.List(_Converted(_seconds), validate=validate.Length(min=1))
+    consent = Text(validate=_one_of(("opt_out", "opt_in"), "consent action"))
+    scope = Text(validate=_one_of(("all", "marketing"), "consent scope"))
+
+    @validates_schema
+    def _kind_keys(self, data: dict[str, Any], **kwargs: Any) -> None:
+        event = data.get("event", "")
+        errors: dict[str, list[str]] = {}
+        if event == "appointment.reminder":
+            for key in ("starts_at", "reminders"):
+                if key not in data:
+                    errors[key] = ['required when event = "appointment.reminder"']
+        elif "reminders" in data:
+            errors["reminders"] = ['only for event = "appointment.reminder"']
+        if "starts_at" in data and not event.startswith("appointment."):
+            errors["starts_at"] = ["only for appointment events"]
+        if event == "customer.consent" and "consent" not in data:
+            errors["consent"] = ['required when event = "customer.consent" (opt_out or opt_in)']
+        for key in ("consent", "scope"):
+            if key in data and event != "customer.consent":
+                errors[key] = ['only for event = "customer.consent"']
+        if errors:
+            raise ValidationError(errors)
+
+
+class CrmAuthSchema(_Section):
+    NEEDS = {"bearer": ("token",), "basic": ("username", "password"), "header": ("name", "value")}
+    type = Text(required=True, validate=_one_of(NEEDS, "auth type"))
+    token = fields.String()
+    username = fields.String()
+    password = fields.String()
+    name = fields.String()  # the header's name, e.g. X-Api-Key
+    value = fields.String()
+
+    @validates_schema
+    def _needs(self, data: dict[str, Any], **kwargs: Any) -> None:
+        kind = data.get("type")
+        needed = self.NEEDS.get(kind, ())
+        errors = {k: [f'required when type = "{kind}"'] for k in needed if not data.get(k)}
+        errors |= {
+            k: [f'not used when type = "{kind}"']
+            for k in ("token", "username", "password", "name", "value")
+            if k in data and k not in needed
+        }
+        if errors:
+            raise ValidationError(errors)
+
+
+class CrmSchema(_Section):
     # The name goes into event sources (`crm:<name>`) and poller cursors: keep it plain.
     name = Text(required=True, validate=validate.Regexp(r"[a-z0-9_-]+\Z", error="use a-z 0-9 _ -"))
     kind = Text(required=True, validate=_one_of(("hubspot", "http"), "CRM kind"))
+    enabled = fields.Boolean()
+    interval_seconds = _positive()
+    overlap_seconds = fields.Float(validate=validate.Range(min=0))
+    rate_per_second = _positive()
+    page_size = _int(1, 1000)
+    seen_limit = _int(0)
+    timeout_seconds = _positive()
+    base_url = _url()
+    record = Text(validate=validate.Regexp(r"[A-Za-z0-9_-]+\Z", error="use A-Z a-z 0-9 _ -"))
+    mapping = fields.List(fields.Nested(CrmRuleSchema))
+    sample = fields.Dict(keys=fields.String())  # a record, for `txsms check-config`
+    # kind = "hubspot"
+    token = fields.String()  # a private-app access token, e.g. "${HUBSPOT_TOKEN}"
+    object = Text(validate=validate.Regexp(r"[A-Za-z0-9_-]+\Z", error="expected an object type"))
+    modified_property = fields.String()
+    properties = fields.List(fields.String())
+    # kind = "http"
+    url = _url()
+    auth = fields.Nested(CrmAuthSchema)
+    params = fields.Dict(keys=fields.String(), values=fields.String())
+    items_path = fields.String()  # "" : the body is the list
+    id_path = _path()
+    modified_path = _path()
+    cursor_param = fields.String()
+    cursor_format = Text(validate=_one_of(("iso", "epoch", "epoch_ms"), "cursor format"))
+    next_path = _path()  # next page URL (or token, with next_param) in the body
+    next_param = fields.String()
+    sorted = fields.Boolean()  # items come oldest-modified first
+
+    ONLY = {
+        "hubspot": ("token", "object", "modified_property", "properties"),
+        "http": (
+            *("url", "auth", "params", "items_path", "id_path", "modified_path"),
+            *("cursor_param", "cursor_format", "next_path", "next_param", "sorted"),
+        ),
+    }
+
+    @validates_schema
+    def _kind_keys(self, data: dict[str, Any], **kwargs: Any) -> None:
+        kind = data.get("kind")
+        errors: dict[str, Any] = {
+            key: [f'only for kind = "{other}"']
+            for other, keys in self.ONLY.items()
+            if other != kind
+            for key in keys
+            if key in data
+        }
+        if kind == "hubspot" and not data.get("token"):
+            errors["token"] = ['required when kind = "hubspot" (a private-app token)']
+        if kind == "hubspot" and data.get("page_size", 0) > 200:
+            errors["page_size"] = ["HubSpot search returns at most 200 per page"]
+        if kind == "http" and not data.get("url"):
+            errors["url"] = ['required when kind = "http"']
+        if "next_param" in data and "next_path" not in data:
+            errors["next_param"] = ["needs next_path (where the body holds the token)"]
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(data.get("mapping", [])):
+            event = rule.get("event")
+            if event in seen and not (rule.get("key") and data["mapping"][seen[event]].get("key")):
+                problem = f"mapping.{seen[event]} also makes {event}: give both rules a key"
+                errors.setdefault("mapping", {})[i] = {"key": [problem]}
+            seen.setdefault(event, i)
+        if errors:
+            raise ValidationError(errors)
 
 
 class ConfigSchema(_Section):

@@ -1,30 +1,64 @@
-"""A token bucket that keeps sends under `provider.rate_per_second` in this process."""
+"""The send rate limit, shared by every worker thread and process through the database.
+
+`provider.rate_per_second` is a promise to the provider (and to carriers), so it must hold
+for the whole deployment, not per process. One row per limiter holds the earliest time the
+next request may start; taking a slot is one conditional UPDATE, so any number of workers on
+any number of hosts space their requests at least 1/rate apart. There is no burst: the
+promise is "never more than `rate` in any one-second window", measured at the provider.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
+
+from sqlalchemy import Engine, select
+
+from txsms.core import storage
+from txsms.core.config import StorageConfig
+from txsms.core.storage import insert_ignore, rate_limits
+
+# Requests are spaced a little wider than 1/rate: the time between taking a slot and the
+# request reaching the provider varies by a few milliseconds, and that jitter must not add
+# up to one request too many in some second.
+JITTER_MARGIN = 1.05
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: float | None = None):
-        self.rate = rate
-        self.capacity = burst if burst is not None else max(1.0, rate)
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
+def limiter_engine(engine: Engine, config: StorageConfig) -> Engine:
+    """On SQLite, slots are taken on a connection that does not fsync: losing the last slot
+    on power loss is harmless, and the limiter must not cost a disk flush per message."""
+    if not storage.is_sqlite(engine):
+        return engine
+    return storage.make_engine(replace(config, sqlite_synchronous="OFF"))
+
+
+class RateLimiter:
+    def __init__(self, engine: Engine, name: str, rate_per_second: float):
+        self.engine = engine
+        self.name = name
+        self.interval = JITTER_MARGIN / rate_per_second
+        with engine.begin() as conn:
+            insert_ignore(conn, rate_limits, {"name": name, "next_at": 0.0}, ["name"])
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Block until a token is free; False if `stop` was set while waiting."""
+        """Block until this caller may start a request; False if `stop` was set meanwhile."""
+        table = rate_limits
         while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
+            now = time.time()
+            with self.engine.begin() as conn:
+                taken = conn.execute(
+                    table.update()
+                    .where(table.c.name == self.name, table.c.next_at <= now)
+                    .values(next_at=now + self.interval)
+                    .returning(table.c.next_at)
+                ).first()
+                if taken is not None:
                     return True
-                wait = (1 - self._tokens) / self.rate
+                next_at = conn.execute(
+                    select(table.c.next_at).where(table.c.name == self.name)
+                ).scalar_one()
+            wait = max(0.0005, next_at - now)
             if stop is not None and stop.wait(wait):
                 return False
             if stop is None:

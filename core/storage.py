@@ -177,6 +177,15 @@ sources = Table(
 )
 
 
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    # The earliest time the next provider request may start (see core/ratelimit.py).
+    Column("name", String(100), primary_key=True),
+    Column("next_at", Float, nullable=False),
+)
+
+
 def make_engine(storage: StorageConfig, **kwargs) -> Engine:
     url = storage.url
     if not url.startswith("sqlite"):

@@ -24,7 +24,7 @@ from txsms.core.providers import (
     ProviderResult,
     make_provider,
 )
-from txsms.core.ratelimit import TokenBucket
+from txsms.core.ratelimit import RateLimiter, limiter_engine
 from txsms.core.redact import redact_phone
 from txsms.core.returnpath import REPLY_KIND, apply_early_receipts
 from txsms.core.runtime import Runtime
@@ -41,6 +41,7 @@ class Prepared:
     message: OutgoingMessage
     index: str | None
     with_footer: bool
+    body_enc: bytes  # what is stored as sent: the body with its footer, if it has one
 
 
 class Worker:
@@ -65,7 +66,12 @@ class Worker:
         # A lease that runs out mid-request is safe: the row is in flight, so no one resends
         # it (it becomes `unknown` until this worker records the real outcome).
         self.lease = config.worker.lease_seconds
-        self.bucket = TokenBucket(config.provider.rate_per_second)
+        self._limiter_engine = limiter_engine(runtime.engine, config.storage)
+        self.limiter = RateLimiter(
+            self._limiter_engine,
+            f"provider:{config.provider.kind}",
+            config.provider.rate_per_second,
+        )
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_maintenance = 0.0
@@ -85,6 +91,8 @@ class Worker:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.provider.close()
+        if self._limiter_engine is not self.runtime.engine:
+            self._limiter_engine.dispose()
 
     def _loop(self) -> None:
         poll = self.runtime.config.worker.poll_seconds
@@ -134,12 +142,26 @@ class Worker:
     # -- one message -----------------------------------------------------------------------
 
     def _handle(self, row) -> None:
-        # Wait for the rate limit *before* marking the row in flight: a crash while waiting
-        # must leave a message that is safe to send, not one whose fate is unknown.
-        if not self.bucket.acquire(self.stop_event):
-            return
         prepared = self._prepare(row)
         if prepared is None:
+            return
+        # The rate-limit slot is taken last, right before "in flight" and the request, so
+        # the spacing it promises is the spacing the provider sees; and a crash while
+        # waiting for it leaves a message that is safe to send, not one whose fate is unknown.
+        if not self.limiter.acquire(self.stop_event):
+            return
+        with self.runtime.engine.begin() as conn:
+            owned = outbox.mark_in_flight(
+                conn,
+                row.id,
+                row.claimed_by,
+                provider=self.provider.name,
+                body_enc=prepared.body_enc,
+                encoding=prepared.message.encoding,
+                segments=prepared.message.segments,
+            )
+        if not owned:  # our lease ran out and another worker took the message over
+            log.warning("message %s: claim lost before sending; left to its new owner", row.id)
             return
         started = time.monotonic()
         result = self.provider.send(prepared.message)
@@ -150,7 +172,7 @@ class Worker:
         self._record(row, prepared, result)
 
     def _prepare(self, row) -> Prepared | None:
-        """Re-check consent at send time and mark the row in flight, in one transaction."""
+        """Re-check consent at send time, and add the footer to a number's first message."""
         vault, sender = self.runtime.vault, self.runtime.config.sender
         with self.runtime.engine.begin() as conn:
             recipient = None
@@ -196,22 +218,11 @@ class Worker:
             if with_footer:
                 body = f"{body}\n{sender.footer}"
             info = count_segments(body)
-            owned = outbox.mark_in_flight(
-                conn,
-                row.id,
-                row.claimed_by,
-                provider=self.provider.name,
-                body_enc=vault.encrypt(body) if with_footer else row.body_enc,
-                encoding=info.encoding,
-                segments=info.segments,
-            )
-            if not owned:  # our lease ran out and another worker took the message over
-                log.warning("message %s: claim lost before sending; left to its new owner", row.id)
-                return None
         return Prepared(
             OutgoingMessage(row.id, to, body, info.segments, info.encoding),
             row.phone_index,
             with_footer,
+            vault.encrypt(body) if with_footer else row.body_enc,
         )
 
     def _record(self, row, prepared: Prepared, result: ProviderResult) -> None:

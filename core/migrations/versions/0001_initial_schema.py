@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 01:59:20.251060
+Create Date: 2026-11-29 02:07:10.078899
 """
 
 import sqlalchemy as sa
@@ -157,6 +157,12 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "rate_limits",
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("next_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+    op.create_table(
         "recipients",
         sa.Column("phone_index", sa.String(length=64), nullable=False),
         sa.Column("phone_enc", sa.LargeBinary(), nullable=True),
@@ -181,6 +187,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("sources")
     op.drop_table("recipients")
+    op.drop_table("rate_limits")
     with op.batch_alter_table("provider_callbacks", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_provider_callbacks_provider_message_id"))
 
