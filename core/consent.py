@@ -55,19 +55,14 @@ def record(
     )
 
 
-def state(conn: Connection, phone_index: str) -> ConsentState:
-    """Fold the ledger, oldest first.
+def fold(entries) -> ConsentState:
+    """Fold (scope, action) ledger entries, oldest first.
 
     STOP (scope all) ends everything; START restores transactional messages only, because
     marketing needs a fresh, explicit opt-in after an opt-out.
     """
     transactional, marketing = "allowed", "not_opted_in"
-    rows = conn.execute(
-        select(consent_ledger.c.scope, consent_ledger.c.action)
-        .where(consent_ledger.c.phone_index == phone_index)
-        .order_by(consent_ledger.c.created_at, consent_ledger.c.id)
-    )
-    for scope, action in rows:
+    for scope, action in entries:
         if scope == "all" and action == "opt_out":
             transactional, marketing = "opted_out", "opted_out"
         elif scope == "all":
@@ -76,6 +71,23 @@ def state(conn: Connection, phone_index: str) -> ConsentState:
         else:
             marketing = "opted_in" if action == "opt_in" else "opted_out"
     return ConsentState(transactional, marketing)
+
+
+def state(conn: Connection, phone_index: str) -> ConsentState:
+    return states(conn, [phone_index])[phone_index]
+
+
+def states(conn: Connection, indexes: list[str]) -> dict[str, ConsentState]:
+    """The consent state of many numbers in one query (ingest looks up a whole batch)."""
+    entries: dict[str, list[tuple[str, str]]] = {i: [] for i in indexes}
+    rows = conn.execute(
+        select(consent_ledger.c.phone_index, consent_ledger.c.scope, consent_ledger.c.action)
+        .where(consent_ledger.c.phone_index.in_(set(indexes)))
+        .order_by(consent_ledger.c.created_at, consent_ledger.c.id)
+    )
+    for index, scope, action in rows:
+        entries[index].append((scope, action))
+    return {index: fold(e) for index, e in entries.items()}
 
 
 def ledger(conn: Connection, vault: Vault, phone_index: str) -> list[dict[str, Any]]:
@@ -113,9 +125,16 @@ def set_preference(conn: Connection, phone_index: str, category: str, enabled: b
 
 
 def disabled_categories(conn: Connection, phone_index: str) -> set[str]:
+    return disabled_categories_many(conn, [phone_index])[phone_index]
+
+
+def disabled_categories_many(conn: Connection, indexes: list[str]) -> dict[str, set[str]]:
+    off: dict[str, set[str]] = {i: set() for i in indexes}
     rows = conn.execute(
-        select(preferences.c.category).where(
-            preferences.c.phone_index == phone_index, preferences.c.enabled.is_(False)
+        select(preferences.c.phone_index, preferences.c.category).where(
+            preferences.c.phone_index.in_(set(indexes)), preferences.c.enabled.is_(False)
         )
     )
-    return {r[0] for r in rows}
+    for index, category in rows:
+        off[index].add(category)
+    return off

@@ -7,6 +7,7 @@ Columns ending in `_enc` hold MultiFernet tokens; `phone_index` holds the keyed 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -255,14 +256,20 @@ def insert_ignore(conn, table: Table, values: dict, conflict: list[str]) -> bool
     Unlike catching IntegrityError this never aborts the surrounding PostgreSQL transaction,
     so two receivers racing on one delivery both commit, and one of them creates nothing.
     """
-    if conn.dialect.name == "postgresql":
+    stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(conflict))
+    return conn.execute(stmt, values).first() is not None
+
+
+@functools.cache
+def _insert_ignore_stmt(dialect: str, table: Table, conflict: tuple[str, ...]):
+    # Built once per table: the values travel as parameters, so SQLAlchemy's compiled cache
+    # applies (building `.values(**row)` each time costs more than the query on SQLite).
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = (
+    return (
         insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=conflict)
+        .on_conflict_do_nothing(index_elements=list(conflict))
         .returning(table.c[conflict[0]])  # rowcount is -1 here with psycopg 3; RETURNING is exact
     )
-    return conn.execute(stmt).first() is not None

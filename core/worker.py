@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
+from txsms.core.notify import PgListener
 from txsms.core.pipeline import source_disabled
 from txsms.core.providers import (
     LookupUnavailable,
@@ -75,10 +76,14 @@ class Worker:
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_maintenance = 0.0
+        self._listener: PgListener | None = None
 
     # -- running -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.runtime.engine.dialect.name == "postgresql":
+            self._listener = PgListener(self.runtime.engine, self.runtime.wakeup.notify)
+            self._listener.start()
         for n in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"txsms-worker-{n}", daemon=True)
             thread.start()
@@ -87,6 +92,8 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
         self.runtime.wakeup.notify()
+        if self._listener is not None:
+            self._listener.stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
