@@ -37,6 +37,9 @@ from txsms.core.templates import build_context
 
 log = logging.getLogger(__name__)
 
+#: Skip reasons that hold for every later event of the same order.
+ORDER_WIDE_SKIPS = frozenset({"test_order"})
+
 #: Statuses that count towards `policy.max_per_day` (what was or will be sent).
 COUNTED = ("pending", "deferred", "sending", "sent", "delivered", "undelivered", "unknown")
 
@@ -68,26 +71,39 @@ def ingest(
     `delivery` is a platform's (source, delivery id): when that delivery was already
     processed, nothing is done and None is returned.
     """
-    now = time.time()
-    with runtime.engine.begin() as conn:
-        if delivery is not None and not insert_ignore(
-            conn,
-            deliveries,
-            {"source": delivery[0], "delivery_id": delivery[1], "received_at": now},
-            ["source", "delivery_id"],
-        ):
-            return None
-        lookups = _Lookups(runtime, conn, batch)
-        results = [_ingest_one(runtime, conn, event, now, lookups) for event in batch]
-        queued = any(d.status in ("pending", "deferred") for r in results for d in r.messages)
-        if queued:
-            notify_outbox(conn)  # wakes workers in other processes, once this commits
+    results = runtime.committer.run(
+        lambda conn: _ingest_in(runtime, conn, batch, delivery, time.time())
+    )
+    if results is None:
+        return None
+    queued = any(d.status in ("pending", "deferred") for r in results for d in r.messages)
     for event, result in zip(batch, results, strict=True):
         EVENTS.labels(platform_of(event.source), event.kind, result.status).inc()
         for d in result.messages:
             DECISIONS.labels(d.status, d.reason or "").inc()
     if queued:
         runtime.wakeup.notify()
+    return results
+
+
+def _ingest_in(
+    runtime: Runtime,
+    conn: Connection,
+    batch: list[Event],
+    delivery: tuple[str, str] | None,
+    now: float,
+) -> list[IngestResult] | None:
+    if delivery is not None and not insert_ignore(
+        conn,
+        deliveries,
+        {"source": delivery[0], "delivery_id": delivery[1], "received_at": now},
+        ["source", "delivery_id"],
+    ):
+        return None
+    lookups = _Lookups(runtime, conn, batch)
+    results = [_ingest_one(runtime, conn, event, now, lookups) for event in batch]
+    if any(d.status in ("pending", "deferred") for r in results for d in r.messages):
+        notify_outbox(conn)  # wakes workers in other processes, once this commits
     return results
 
 
@@ -159,7 +175,12 @@ def _ingest_one(
     event_id = new_id()
     phone, phone_error = lookups.phone(event)
     index = runtime.vault.index(phone.e164) if phone else None
-    payload = {"recipient": event.recipient.__dict__, "data": event.data}
+    # A privacy request is about erasing or exporting data: it keeps none of its own.
+    payload = (
+        None
+        if event.kind.startswith("privacy.")
+        else {"recipient": event.recipient.__dict__, "data": event.data}
+    )
     inserted = insert_ignore(
         conn,
         events,
@@ -225,11 +246,22 @@ def _ingest_one(
             order_refs=[str(ref) for ref in event.data.get("order_refs", [])],
         )
         log.info("erased for %s: %s", event.source, counts)
-    elif event.kind == "privacy.data_request" and index is not None:
-        path = privacy.export(
-            conn, runtime.vault, index, runtime.config.storage.data_dir, source=event.source
-        )
-        log.info("data request from %s: export written to %s", event.source, path)
+    elif event.kind == "privacy.data_request":
+        refs = [str(ref) for ref in event.data.get("order_refs", [])]
+        if index is None and not refs:
+            log.warning(
+                "data request from %s names no number or order we can look up", event.source
+            )
+        else:
+            path = privacy.export(
+                conn,
+                runtime.vault,
+                index,
+                runtime.config.storage.data_dir,
+                source=event.source,
+                order_refs=refs,
+            )
+            log.info("data request from %s: export written to %s", event.source, path)
     elif event.kind == "messages.cancel" and event.order is not None:
         n = cancel_pending(
             conn,
@@ -285,14 +317,22 @@ def _order_context(runtime: Runtime, conn: Connection, event: Event) -> _Context
         )
     data = _deep_merge(stored.get("data") or {}, event.data)
     modified = max(filter(None, (order.modified_at, row.last_modified)), default=None)
-    return _Context(replace(event, recipient=recipient, data=data), True, False, modified)
+    # A skip decided for the whole order (a test order) holds for its later events too.
+    skip = event.skip or stored.get("skip")
+    return _Context(
+        replace(event, recipient=recipient, data=data, skip=skip), True, False, modified
+    )
 
 
 def _save_order_context(runtime, conn, event: Event, index, context: _Context, now) -> None:
     values = {
         "phone_index": index,
         "context_enc": runtime.vault.encrypt_json(
-            {"recipient": event.recipient.__dict__, "data": event.data}
+            {
+                "recipient": event.recipient.__dict__,
+                "data": event.data,
+                "skip": event.skip if event.skip in ORDER_WIDE_SKIPS else None,
+            }
         ),
         "last_status": event.order.status,
         "last_modified": context.last_modified,

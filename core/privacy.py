@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, false, or_, select
 
 from txsms.core.crypto import Vault
 from txsms.core.storage import (
@@ -100,11 +101,24 @@ def _erase_where(
     return counts
 
 
-def collect(conn: Connection, vault: Vault, index: str, *, source: str | None = None) -> dict:
-    """Everything held about one person, decrypted: the answer to a data request."""
+def collect(
+    conn: Connection,
+    vault: Vault,
+    index: str | None,
+    *,
+    source: str | None = None,
+    order_refs: list[str] | None = None,
+) -> dict:
+    """Everything held about one person (their number, and/or the orders a platform names),
+    decrypted: the answer to a data request."""
 
     def scoped(table):
-        clauses = [table.c.phone_index == index]
+        who = []
+        if index is not None:
+            who.append(table.c.phone_index == index)
+        if order_refs and "order_ref" in table.c:
+            who.append(table.c.order_ref.in_(order_refs))
+        clauses = [or_(*who)] if who else [false()]
         if source is not None and "source" in table.c:
             clauses.append(table.c.source == source)
         return clauses
@@ -144,6 +158,7 @@ def collect(conn: Connection, vault: Vault, index: str, *, source: str | None = 
             "evidence": vault.decrypt_json(r.evidence_enc),
         }
         for r in conn.execute(select(consent_ledger).where(consent_ledger.c.phone_index == index))
+        if index is not None
     ]
     data["orders"] = [
         {
@@ -160,16 +175,19 @@ def collect(conn: Connection, vault: Vault, index: str, *, source: str | None = 
 def export(
     conn: Connection,
     vault: Vault,
-    index: str,
+    index: str | None,
     data_dir: str | os.PathLike,
     *,
     source: str | None = None,
+    order_refs: list[str] | None = None,
 ) -> Path:
     """Write `collect(...)` as JSON readable only by this user; returns the path."""
     folder = Path(data_dir) / "exports"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{index[:12]}.json"
+    name = (index or uuid.uuid4().hex)[:12]
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{name}.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(collect(conn, vault, index, source=source), fh, indent=2)
+        data = collect(conn, vault, index, source=source, order_refs=order_refs)
+        json.dump(data, fh, indent=2)
     return path

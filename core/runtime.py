@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from txsms.core import storage
 from txsms.core.config import Config
 from txsms.core.crypto import Vault
+from txsms.core.groupcommit import GroupCommitter
 from txsms.core.templates import TemplateSet
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class Runtime:
             log.warning(
                 "database is at revision %s, code expects %s: run 'txsms db upgrade'", current, head
             )
+
+    @cached_property
+    def committer(self) -> GroupCommitter:
+        return GroupCommitter(self.engine)
 
     @cached_property
     def default_zone(self) -> str:

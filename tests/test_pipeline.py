@@ -245,3 +245,96 @@ def test_messages_cancel_cancels_what_is_pending_for_that_appointment(runtime):
     assert [by_key[f"appt:7:reminder:{n}"].status for n in range(2)] == ["cancelled"] * 2
     assert by_key["appt:7:reminder:0"].reason == "appointment_moved"
     assert by_key["appt:8:reminder:0"].status == "deferred"
+
+
+def test_an_order_wide_skip_holds_for_the_orders_later_events(runtime):
+    from txsms.core.events import OrderRef
+
+    ref = OrderRef(ref="55")
+    created = Event(
+        source="shopify:s",
+        kind="order.created",
+        key="order:55:created",
+        recipient=Recipient(phone=PHONE),
+        order=ref,
+        skip="test_order",
+    )
+    shipped = Event(
+        source="shopify:s", kind="order.fulfilled", key="fulfillment:9:created", order=ref
+    )
+    ingest(runtime, [created])
+    ingest(runtime, [shipped])
+    assert {(r.kind, r.reason) for r in rows(runtime)} == {
+        ("order.created", "test_order"),
+        ("order.fulfilled", "test_order"),
+    }
+
+
+def test_a_later_event_without_a_number_is_addressed_from_the_order(runtime):
+    from txsms.core.events import OrderRef
+
+    ref = OrderRef(ref="56")
+    ingest(
+        runtime,
+        [
+            Event(
+                source="s",
+                kind="order.created",
+                key="o56",
+                order=ref,
+                recipient=Recipient(phone=PHONE, name="Ada"),
+                data={"order": {"number": "#56"}},
+            )
+        ],
+    )
+    ingest(
+        runtime,
+        [
+            Event(
+                source="s",
+                kind="order.refunded",
+                key="r1",
+                order=ref,
+                data={"refund": {"amount": "5.00"}},
+            )
+        ],
+    )
+    ingest(
+        runtime,
+        [Event(source="s", kind="order.refunded", key="r2", order=OrderRef(ref="never-seen"))],
+    )
+    refund = rows(runtime, idempotency_key="s|r1|order.refunded")[0]
+    assert refund.status == "pending"
+    body = runtime.vault.decrypt(refund.body_enc)
+    assert "#56" in body and "5.00" in body
+    assert rows(runtime, idempotency_key="s|r2|order.refunded")[0].reason == "unknown_order"
+
+
+def test_privacy_requests_keep_no_payload_and_export_by_order(runtime, tmp_path):
+    from txsms.core.events import OrderRef
+
+    ingest(
+        runtime,
+        [
+            Event(
+                source="s",
+                kind="order.created",
+                key="o57",
+                order=OrderRef(ref="57"),
+                recipient=Recipient(phone=PHONE),
+            )
+        ],
+    )
+    request = Event(
+        source="s",
+        kind="privacy.data_request",
+        key="dr1",
+        recipient=Recipient(phone="not a number"),
+        data={"order_refs": [57]},
+    )
+    ingest(runtime, [request])
+    with runtime.engine.connect() as conn:
+        stored = conn.execute(select(events).where(events.c.key == "dr1")).one()
+    assert stored.payload_enc is None
+    [export] = (tmp_path / "data" / "exports").iterdir()
+    assert '"o57"' in export.read_text()
