@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Row, and_, or_, select
+from sqlalchemy import Connection, Row, and_, bindparam, or_, select
 
 from txsms.core.storage import messages
 
@@ -53,25 +53,29 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
     ).all()
 
 
+# Built once: the columns to set travel as parameters, so SQLAlchemy compiles each shape once
+# and the worker's hot path does not rebuild statements for every message.
+_UPDATE = messages.update().where(messages.c.id == bindparam("_id"))
+_MARK_IN_FLIGHT = (
+    messages.update()
+    .where(
+        messages.c.id == bindparam("_id"),
+        messages.c.claimed_by == bindparam("_claim"),
+        messages.c.status == "sending",
+    )
+    .returning(messages.c.id)
+)
+
+
 def update(conn: Connection, message_id: str, **values) -> None:
     values.setdefault("updated_at", time.time())
-    conn.execute(messages.update().where(messages.c.id == message_id).values(**values))
+    conn.execute(_UPDATE, {"_id": message_id, **values})
 
 
 def mark_in_flight(conn: Connection, message_id: str, claim: str, **values) -> bool:
     """Commit "the request is about to leave" — only if the claim is still ours."""
-    now = time.time()
-    owned = conn.execute(
-        messages.update()
-        .where(
-            messages.c.id == message_id,
-            messages.c.claimed_by == claim,
-            messages.c.status == "sending",
-        )
-        .values(in_flight=True, updated_at=now, **values)
-        .returning(messages.c.id)
-    ).first()
-    return owned is not None
+    params = {"_id": message_id, "_claim": claim, "in_flight": True, "updated_at": time.time()}
+    return conn.execute(_MARK_IN_FLIGHT, {**params, **values}).first() is not None
 
 
 def sweep_interrupted(conn: Connection) -> int:

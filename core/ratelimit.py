@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 
-from txsms.core import storage
-from txsms.core.config import StorageConfig
 from txsms.core.storage import insert_ignore, rate_limits
 
 # Requests are spaced a little wider than 1/rate: the time between taking a slot and the
@@ -24,21 +23,16 @@ from txsms.core.storage import insert_ignore, rate_limits
 # up to one request too many in some second.
 JITTER_MARGIN = 1.05
 
-
-def limiter_engine(engine: Engine, config: StorageConfig) -> Engine:
-    """On SQLite, slots are taken on a connection that does not fsync: losing the last slot
-    on power loss is harmless, and the limiter must not cost a disk flush per message."""
-    if not storage.is_sqlite(engine):
-        return engine
-    return storage.make_engine(replace(config, sqlite_synchronous="OFF"))
+Begin = Callable[[], AbstractContextManager[Connection]]
 
 
 class RateLimiter:
-    def __init__(self, engine: Engine, name: str, rate_per_second: float):
-        self.engine = engine
+    def __init__(self, begin: Begin, name: str, rate_per_second: float):
+        """`begin` opens a transaction: a lost slot is harmless, so it need not be durable."""
+        self.begin = begin
         self.name = name
         self.interval = JITTER_MARGIN / rate_per_second
-        with engine.begin() as conn:
+        with begin() as conn:
             insert_ignore(conn, rate_limits, {"name": name, "next_at": 0.0}, ["name"])
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
@@ -46,7 +40,7 @@ class RateLimiter:
         table = rate_limits
         while True:
             now = time.time()
-            with self.engine.begin() as conn:
+            with self.begin() as conn:
                 taken = conn.execute(
                     table.update()
                     .where(table.c.name == self.name, table.c.next_at <= now)

@@ -184,26 +184,37 @@ def apply_reports(runtime: Runtime, provider: Provider, reports: list[StatusRepo
     return applied
 
 
-def apply_early_receipts(runtime, conn: Connection, provider: Provider, message_id: str) -> None:
-    """Receipts that arrived before the send was recorded: apply them now, in order."""
-    rows = conn.execute(
-        select(provider_callbacks)
-        .where(
-            provider_callbacks.c.provider == provider.name,
-            provider_callbacks.c.kind == "status",
-            provider_callbacks.c.provider_message_id == message_id,
-            provider_callbacks.c.applied_at.is_(None),
-        )
-        .order_by(provider_callbacks.c.id)
-    ).all()
-    for row in rows:
-        report = StatusReport(**runtime.vault.decrypt_json(row.payload_enc))
-        if _apply(runtime, conn, provider, report):
-            conn.execute(
-                provider_callbacks.update()
-                .where(provider_callbacks.c.id == row.id)
-                .values(applied_at=time.time())
+def apply_early_receipts(runtime: Runtime, provider: Provider, limit: int = 500) -> int:
+    """Receipts that arrived before their send was recorded: apply them now that it is.
+
+    Run by the worker's housekeeping, not on every send: an early receipt is rare, and a
+    query per send to look for one would cost every message a round trip.
+    """
+    with runtime.engine.begin() as conn:
+        rows = conn.execute(
+            select(provider_callbacks)
+            .join(
+                messages,
+                (messages.c.provider == provider_callbacks.c.provider)
+                & (messages.c.provider_message_id == provider_callbacks.c.provider_message_id),
             )
+            .where(
+                provider_callbacks.c.provider == provider.name,
+                provider_callbacks.c.kind == "status",
+                provider_callbacks.c.applied_at.is_(None),
+            )
+            .order_by(provider_callbacks.c.id)
+            .limit(limit)
+        ).all()
+        for row in rows:
+            report = StatusReport(**runtime.vault.decrypt_json(row.payload_enc))
+            if _apply(runtime, conn, provider, report):
+                conn.execute(
+                    provider_callbacks.update()
+                    .where(provider_callbacks.c.id == row.id)
+                    .values(applied_at=time.time())
+                )
+    return len(rows)
 
 
 def _apply(runtime, conn: Connection, provider: Provider, report: StatusReport) -> bool:
@@ -215,6 +226,16 @@ def _apply(runtime, conn: Connection, provider: Provider, report: StatusReport) 
     ).first()
     if row is None:
         return False  # kept in provider_callbacks; applied when the send is recorded
+    if report.error_code and report.error_code in provider.opted_out_codes and row.phone_index:
+        consent.record(
+            conn,
+            runtime.vault,
+            row.phone_index,
+            scope="all",
+            action="opt_out",
+            source=f"provider:{provider.name}",
+            evidence={"error_code": report.error_code, "message_id": row.id},
+        )
     if report.error_code and report.error_code in provider.invalid_number_codes:
         conn.execute(
             recipients.update()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import cached_property
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 from txsms.core import storage
 from txsms.core.config import Config
@@ -57,6 +60,25 @@ class Runtime:
             )
 
     @cached_property
+    def _relaxed_engine(self) -> Engine:
+        if not storage.is_sqlite(self.engine):
+            return self.engine
+        return storage.make_engine(replace(self.config.storage, sqlite_synchronous="NORMAL"))
+
+    @contextmanager
+    def relaxed(self) -> Iterator[Connection]:
+        """A transaction whose commit survives a crash but may be lost on power failure.
+
+        For writes that are safe to lose that way: a send's recorded result (the message is
+        then `unknown` and settled by asking the provider), a rate-limit slot. Anything that
+        is acknowledged to someone, or that guards against sending twice, uses `engine`.
+        """
+        with self._relaxed_engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            yield conn
+
+    @cached_property
     def committer(self) -> GroupCommitter:
         return GroupCommitter(self.engine)
 
@@ -65,4 +87,6 @@ class Runtime:
         return self.config.sender.timezone
 
     def close(self) -> None:
+        if "_relaxed_engine" in self.__dict__ and self._relaxed_engine is not self.engine:
+            self._relaxed_engine.dispose()
         self.engine.dispose()

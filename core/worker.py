@@ -25,7 +25,7 @@ from txsms.core.providers import (
     ProviderResult,
     make_provider,
 )
-from txsms.core.ratelimit import RateLimiter, limiter_engine
+from txsms.core.ratelimit import RateLimiter
 from txsms.core.redact import redact_phone
 from txsms.core.returnpath import REPLY_KIND, apply_early_receipts
 from txsms.core.runtime import Runtime
@@ -67,9 +67,8 @@ class Worker:
         # A lease that runs out mid-request is safe: the row is in flight, so no one resends
         # it (it becomes `unknown` until this worker records the real outcome).
         self.lease = config.worker.lease_seconds
-        self._limiter_engine = limiter_engine(runtime.engine, config.storage)
         self.limiter = RateLimiter(
-            self._limiter_engine,
+            runtime.relaxed,
             f"provider:{config.provider.kind}",
             config.provider.rate_per_second,
         )
@@ -98,8 +97,6 @@ class Worker:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.provider.close()
-        if self._limiter_engine is not self.runtime.engine:
-            self._limiter_engine.dispose()
 
     def _loop(self) -> None:
         poll = self.runtime.config.worker.poll_seconds
@@ -137,6 +134,7 @@ class Worker:
         with self.runtime.engine.begin() as conn:
             interrupted = outbox.sweep_interrupted(conn)
             outbox.purge_bodies(conn, self.runtime.config.security.retention_days)
+        apply_early_receipts(self.runtime, self.provider)
         if self.provider.can_lookup:
             self._settle_unknown()
         if interrupted:
@@ -246,7 +244,7 @@ class Worker:
             common["segments"] = result.segments
         outcome = result.outcome
         to = redact_phone(prepared.message.to)
-        with self.runtime.engine.begin() as conn:
+        with self.runtime.relaxed() as conn:  # a lost result is settled as `unknown`
             if outcome is Outcome.SENT:
                 self._finish(
                     conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
@@ -256,10 +254,6 @@ class Worker:
                         recipients.update()
                         .where(recipients.c.phone_index == prepared.index)
                         .values(footer_sent_at=now, updated_at=now)
-                    )
-                if result.provider_message_id:
-                    apply_early_receipts(
-                        self.runtime, conn, self.provider, result.provider_message_id
                     )
                 log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
             elif (

@@ -299,7 +299,10 @@ def test_error_text_never_carries_the_token(fake, twilio):
         assert_no_secrets(result)
 
 
-@pytest.mark.parametrize(("status", "outcome"), [(502, Outcome.RETRY), (400, Outcome.FAILED)])
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(503, Outcome.RETRY), (502, Outcome.UNKNOWN), (500, Outcome.UNKNOWN), (400, Outcome.FAILED)],
+)
 def test_non_json_error_bodies(fake, twilio, status, outcome):
     fake.script(Reply(status=status, body="<html>" + "x" * 500 + "</html>"))
     result = twilio.send(MSG)

@@ -172,7 +172,7 @@ def test_retries_stop_after_max_attempts(runtime_factory, fake_twilio):
         provider=twilio_section(fake_twilio),
         worker={"max_attempts": 2, "backoff_base_seconds": 0.05},
     )
-    fake_twilio.script(*[Reply(status=500)] * 5)
+    fake_twilio.script(*[Reply(status=503)] * 5)
     worker = Worker(runtime)
     ingest(runtime, [event()])
     drain(worker, lambda: message(runtime).status == "failed")

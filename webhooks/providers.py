@@ -37,12 +37,15 @@ def _callback_request() -> CallbackRequest:
     runtime = current_app.extensions["txsms"]
     public = runtime.config.server.public_url
     url = public + request.full_path.rstrip("?") if public else request.url
+    # The raw body first (and cached): reading the form first would consume the stream, and
+    # some providers sign the raw bytes.
+    body = request.get_data(cache=True)
     form = request.form.to_dict(flat=False) if request.mimetype != "application/json" else {}
     return CallbackRequest(
         method=request.method,
         url=url,
         headers=request.headers,
-        body=request.get_data(cache=True),
+        body=body,
         form=form,
         query=request.args.to_dict(flat=False),
     )

@@ -66,7 +66,7 @@ class CallbackRequest:
 
 @dataclass(frozen=True)
 class InboundMessage:
-    sender: str  # the texter's number as the provider gives it
+    sender: str  # the texter's number in E.164 (providers that drop the "+" add it back)
     text: str
     recipient: str | None = None  # our number
     provider_message_id: str | None = None
@@ -113,6 +113,8 @@ class Provider(ABC):
 
     #: Error codes in receipts that mean the number can never receive SMS.
     invalid_number_codes: ClassVar[frozenset[str]] = frozenset()
+    #: Error codes in receipts that mean the recipient opted out at the carrier or provider.
+    opted_out_codes: ClassVar[frozenset[str]] = frozenset()
 
     def verify_callback(self, request: CallbackRequest) -> bool:
         """True only for a request signed by this provider; unsigned is refused (403)."""

@@ -67,6 +67,10 @@ class TwilioProvider(Provider):
         self.base_url = base
         self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
         self.session = requests.Session()
+        # Proxy settings from the environment are read once here, not on every request
+        # (requests would re-read them per call: a measurable share of a send).
+        self.session.proxies = requests.utils.get_environ_proxies(base)
+        self.session.trust_env = False
         self.session.auth = (config.account_sid, config.auth_token)
         self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
 
@@ -120,9 +124,13 @@ class TwilioProvider(Provider):
             return ProviderResult(Outcome.OPTED_OUT, **result)
         if code in INVALID_NUMBER_CODES:
             return ProviderResult(Outcome.INVALID_NUMBER, **result)
-        if resp.status_code == 429 or resp.status_code >= 500 or code in RETRY_CODES:
+        if resp.status_code in (429, 503) or code in RETRY_CODES:
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             return ProviderResult(Outcome.RETRY, retry_after=retry_after, **result)
+        if resp.status_code >= 500:
+            # Twilio has no idempotency key, and a 500 or a gateway timeout can follow a
+            # message that was created: ask Twilio later (lookup) instead of resending.
+            return ProviderResult(Outcome.UNKNOWN, **result)
         return ProviderResult(Outcome.FAILED, **result)
 
     def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
