@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 from sqlalchemy import select
 
@@ -52,7 +53,7 @@ class Worker:
         provider: Provider | None = None,
         *,
         concurrency: int | None = None,
-        batch: int = 5,
+        batch: int | None = None,
     ):
         self.runtime = runtime
         config = runtime.config
@@ -60,7 +61,10 @@ class Worker:
             config.provider, public_url=config.server.public_url
         )
         self.concurrency = concurrency or config.worker.concurrency
-        self.batch = batch
+        # A batch is checked for consent when it is claimed: keep it to about half a second
+        # of sending at the configured rate, so an opt-out is never older than that.
+        rate = config.provider.rate_per_second
+        self.batch = batch or max(1, min(50, int(rate / 2)))
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         # The lease must outlive the slowest provider request, or a second worker could
         # take over a message that is still on its way.
@@ -114,11 +118,50 @@ class Worker:
         self.maintain()
         with self.runtime.engine.begin() as conn:
             rows = outbox.claim(conn, self._claim_token(), lease=self.lease, limit=self.batch)
-        for row in rows:
-            if self.stop_event.is_set():
-                break  # unsent claims go back when their lease ends
-            self._handle(row)
+            # Consent, invalid numbers and disabled sources are checked here, moments before
+            # sending, for the whole batch at once; skips are recorded in this transaction.
+            ready = self._prepare(conn, rows)
+        waiting: tuple | None = None  # a sent message whose result is not recorded yet
+        try:
+            for row, prepared in ready:
+                if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
+                    break  # unsent claims go back when their lease ends
+                # One durable transaction records the previous result and marks this message
+                # in flight: a crash after it can never resend this message blindly.
+                # It goes through the group committer: threads share one disk flush.
+                owned = self.runtime.committer.run(partial(self._in_flight, waiting, row, prepared))
+                waiting = None
+                if not owned:  # our lease ran out and another worker took the message over
+                    log.warning("message %s: claim lost before sending; left to its owner", row.id)
+                    continue
+                waiting = (row, prepared, self._send(prepared.message))
+        finally:
+            if waiting is not None:
+                with self.runtime.relaxed() as conn:  # lost on power failure: settled as unknown
+                    self._record(conn, *waiting)
         return len(rows)
+
+    def _in_flight(self, waiting: tuple | None, row, prepared: Prepared, conn) -> bool:
+        if waiting is not None:
+            self._record(conn, *waiting)
+        return outbox.mark_in_flight(
+            conn,
+            row.id,
+            row.claimed_by,
+            provider=self.provider.name,
+            body_enc=prepared.body_enc,
+            encoding=prepared.message.encoding,
+            segments=prepared.message.segments,
+        )
+
+    def _send(self, message: OutgoingMessage) -> ProviderResult:
+        started = time.monotonic()
+        result = self.provider.send(message)
+        SEND_SECONDS.labels(self.provider.name).observe(time.monotonic() - started)
+        SENDS.labels(self.provider.name, result.outcome.value).inc()
+        if result.error_code:
+            PROVIDER_ERRORS.labels(self.provider.name, result.error_code).inc()
+        return result
 
     def _claim_token(self) -> str:
         # Unique per claim, so a worker can tell its own claim from a later one on the row.
@@ -146,91 +189,70 @@ class Worker:
 
     # -- one message -----------------------------------------------------------------------
 
-    def _handle(self, row) -> None:
-        prepared = self._prepare(row)
-        if prepared is None:
-            return
-        # The rate-limit slot is taken last, right before "in flight" and the request, so
-        # the spacing it promises is the spacing the provider sees; and a crash while
-        # waiting for it leaves a message that is safe to send, not one whose fate is unknown.
-        if not self.limiter.acquire(self.stop_event):
-            return
-        with self.runtime.engine.begin() as conn:
-            owned = outbox.mark_in_flight(
-                conn,
-                row.id,
-                row.claimed_by,
-                provider=self.provider.name,
-                body_enc=prepared.body_enc,
-                encoding=prepared.message.encoding,
-                segments=prepared.message.segments,
-            )
-        if not owned:  # our lease ran out and another worker took the message over
-            log.warning("message %s: claim lost before sending; left to its new owner", row.id)
-            return
-        started = time.monotonic()
-        result = self.provider.send(prepared.message)
-        SEND_SECONDS.labels(self.provider.name).observe(time.monotonic() - started)
-        SENDS.labels(self.provider.name, result.outcome.value).inc()
-        if result.error_code:
-            PROVIDER_ERRORS.labels(self.provider.name, result.error_code).inc()
-        self._record(row, prepared, result)
-
-    def _prepare(self, row) -> Prepared | None:
-        """Re-check consent at send time, and add the footer to a number's first message."""
+    def _prepare(self, conn, rows) -> list[tuple]:
+        """Decide, for a claimed batch, what may still be sent; add each number's first footer."""
         vault, sender = self.runtime.vault, self.runtime.config.sender
-        with self.runtime.engine.begin() as conn:
-            recipient = None
+        indexes = list({r.phone_index for r in rows if r.phone_index and r.kind != REPLY_KIND})
+        states = consent.states(conn, indexes) if indexes else {}
+        people = {}
+        if indexes:
+            people = {
+                r.phone_index: r
+                for r in conn.execute(
+                    select(
+                        recipients.c.phone_index,
+                        recipients.c.invalid_reason,
+                        recipients.c.footer_sent_at,
+                    ).where(recipients.c.phone_index.in_(indexes))
+                )
+            }
+        disabled = {source: source_disabled(conn, source) for source in {r.source for r in rows}}
+        footers: set[str] = set()  # numbers given the footer in this batch already
+        ready = []
+        for row in rows:
             is_reply = row.kind == REPLY_KIND  # a keyword's confirmation: no consent check
-            if row.phone_index and not is_reply:
-                recipient = conn.execute(
-                    select(recipients.c.invalid_reason, recipients.c.footer_sent_at).where(
-                        recipients.c.phone_index == row.phone_index
-                    )
-                ).first()
-                state = consent.state(conn, row.phone_index)
-                reason = None
-                if source_disabled(conn, row.source):
+            person = people.get(row.phone_index)
+            reason = None
+            if not is_reply and row.phone_index:
+                state = states[row.phone_index]
+                if disabled[row.source]:
                     reason = "source_disabled"
                 elif state.opted_out:
                     reason = "opted_out"
                 elif row.category == "marketing" and state.marketing != "opted_in":
                     reason = "not_opted_in"
-                elif recipient is not None and recipient.invalid_reason:
+                elif person is not None and person.invalid_reason:
                     reason = "invalid_phone"
-                if reason:
-                    outbox.update(
-                        conn,
-                        row.id,
-                        status="skipped",
-                        reason=reason,
-                        finished_at=time.time(),
-                        lease_until=None,
-                    )
-                    return None
             to, body = vault.decrypt(row.to_enc), vault.decrypt(row.body_enc)
-            if to is None or body is None:  # erased while queued
-                outbox.update(
-                    conn, row.id, status="skipped", reason="erased", finished_at=time.time()
+            if reason is None and (to is None or body is None):
+                reason = "erased"  # erased while queued
+            if reason:
+                self._finish(
+                    conn,
+                    row.id,
+                    status="skipped",
+                    reason=reason,
+                    finished_at=time.time(),
+                    lease_until=None,
                 )
-                return None
+                continue
             with_footer = bool(
                 not is_reply
                 and sender.footer
-                and (recipient is None or recipient.footer_sent_at is None)
+                and (person is None or person.footer_sent_at is None)
+                and row.phone_index not in footers
                 and sender.footer not in body
             )
             if with_footer:
                 body = f"{body}\n{sender.footer}"
+                footers.add(row.phone_index)
             info = count_segments(body)
-        return Prepared(
-            OutgoingMessage(row.id, to, body, info.segments, info.encoding),
-            row.phone_index,
-            with_footer,
-            vault.encrypt(body) if with_footer else row.body_enc,
-        )
+            message = OutgoingMessage(row.id, to, body, info.segments, info.encoding)
+            body_enc = vault.encrypt(body) if with_footer else row.body_enc
+            ready.append((row, Prepared(message, row.phone_index, with_footer, body_enc)))
+        return ready
 
-    def _record(self, row, prepared: Prepared, result: ProviderResult) -> None:
+    def _record(self, conn, row, prepared: Prepared, result: ProviderResult) -> None:
         now = time.time()
         common = {
             "in_flight": False,
@@ -244,72 +266,67 @@ class Worker:
             common["segments"] = result.segments
         outcome = result.outcome
         to = redact_phone(prepared.message.to)
-        with self.runtime.relaxed() as conn:  # a lost result is settled as `unknown`
-            if outcome is Outcome.SENT:
-                self._finish(
-                    conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
+        if outcome is Outcome.SENT:
+            self._finish(
+                conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
+            )
+            if prepared.with_footer and prepared.index:
+                conn.execute(
+                    recipients.update()
+                    .where(recipients.c.phone_index == prepared.index)
+                    .values(footer_sent_at=now, updated_at=now)
                 )
-                if prepared.with_footer and prepared.index:
-                    conn.execute(
-                        recipients.update()
-                        .where(recipients.c.phone_index == prepared.index)
-                        .values(footer_sent_at=now, updated_at=now)
-                    )
-                log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
-            elif (
-                outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts
-            ):
-                delay = self._backoff(row.attempts, result.retry_after)
-                self._finish(
-                    conn, row.id, status="pending", reason="retry", send_at=now + delay, **common
+            log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
+        elif outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts:
+            delay = self._backoff(row.attempts, result.retry_after)
+            self._finish(
+                conn, row.id, status="pending", reason="retry", send_at=now + delay, **common
+            )
+            log.warning(
+                "message %s to %s: provider said %s, retry in %.1fs",
+                row.id,
+                to,
+                result.error_code or result.error_text,
+                delay,
+            )
+        elif outcome is Outcome.UNKNOWN:
+            self._finish(conn, row.id, status="unknown", reason="in_flight_error", **common)
+            log.error(
+                "message %s to %s: outcome unknown (%s); not resent blindly",
+                row.id,
+                to,
+                result.error_text,
+            )
+        else:
+            reason = {
+                Outcome.OPTED_OUT: "opted_out",
+                Outcome.INVALID_NUMBER: "invalid_phone",
+                Outcome.RETRY: "retries_exhausted",
+            }.get(outcome, "provider_error")
+            self._finish(conn, row.id, status="failed", reason=reason, finished_at=now, **common)
+            if outcome is Outcome.OPTED_OUT and prepared.index:
+                consent.record(
+                    conn,
+                    self.runtime.vault,
+                    prepared.index,
+                    scope="all",
+                    action="opt_out",
+                    source=f"provider:{self.provider.name}",
+                    evidence={"error_code": result.error_code, "message_id": row.id},
                 )
-                log.warning(
-                    "message %s to %s: provider said %s, retry in %.1fs",
-                    row.id,
-                    to,
-                    result.error_code or result.error_text,
-                    delay,
+            if outcome is Outcome.INVALID_NUMBER and prepared.index:
+                conn.execute(
+                    recipients.update()
+                    .where(recipients.c.phone_index == prepared.index)
+                    .values(invalid_reason=f"provider:{result.error_code}", updated_at=now)
                 )
-            elif outcome is Outcome.UNKNOWN:
-                self._finish(conn, row.id, status="unknown", reason="in_flight_error", **common)
-                log.error(
-                    "message %s to %s: outcome unknown (%s); not resent blindly",
-                    row.id,
-                    to,
-                    result.error_text,
-                )
-            else:
-                reason = {
-                    Outcome.OPTED_OUT: "opted_out",
-                    Outcome.INVALID_NUMBER: "invalid_phone",
-                    Outcome.RETRY: "retries_exhausted",
-                }.get(outcome, "provider_error")
-                self._finish(
-                    conn, row.id, status="failed", reason=reason, finished_at=now, **common
-                )
-                if outcome is Outcome.OPTED_OUT and prepared.index:
-                    consent.record(
-                        conn,
-                        self.runtime.vault,
-                        prepared.index,
-                        scope="all",
-                        action="opt_out",
-                        source=f"provider:{self.provider.name}",
-                        evidence={"error_code": result.error_code, "message_id": row.id},
-                    )
-                if outcome is Outcome.INVALID_NUMBER and prepared.index:
-                    conn.execute(
-                        recipients.update()
-                        .where(recipients.c.phone_index == prepared.index)
-                        .values(invalid_reason=f"provider:{result.error_code}", updated_at=now)
-                    )
-                log.error(
-                    "message %s to %s failed: %s %s",
-                    row.id,
-                    to,
-                    result.error_code,
-                    result.error_text,
-                )
+            log.error(
+                "message %s to %s failed: %s %s",
+                row.id,
+                to,
+                result.error_code,
+                result.error_text,
+            )
 
     @staticmethod
     def _finish(conn, message_id: str, *, status: str, reason: str | None, **values) -> None:
