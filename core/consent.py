@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from txsms.core.crypto import Vault
 from txsms.core.storage import consent_ledger, preferences
@@ -77,14 +77,22 @@ def state(conn: Connection, phone_index: str) -> ConsentState:
     return states(conn, [phone_index])[phone_index]
 
 
+# Built once (an expanding IN parameter): the hot path reuses the compiled statement.
+_LEDGER_OF = (
+    select(consent_ledger.c.phone_index, consent_ledger.c.scope, consent_ledger.c.action)
+    .where(consent_ledger.c.phone_index.in_(bindparam("indexes", expanding=True)))
+    .order_by(consent_ledger.c.created_at, consent_ledger.c.id)
+)
+_OFF_OF = select(preferences.c.phone_index, preferences.c.category).where(
+    preferences.c.phone_index.in_(bindparam("indexes", expanding=True)),
+    preferences.c.enabled.is_(False),
+)
+
+
 def states(conn: Connection, indexes: list[str]) -> dict[str, ConsentState]:
     """The consent state of many numbers in one query (ingest looks up a whole batch)."""
     entries: dict[str, list[tuple[str, str]]] = {i: [] for i in indexes}
-    rows = conn.execute(
-        select(consent_ledger.c.phone_index, consent_ledger.c.scope, consent_ledger.c.action)
-        .where(consent_ledger.c.phone_index.in_(set(indexes)))
-        .order_by(consent_ledger.c.created_at, consent_ledger.c.id)
-    )
+    rows = conn.execute(_LEDGER_OF, {"indexes": list(set(indexes))})
     for index, scope, action in rows:
         entries[index].append((scope, action))
     return {index: fold(e) for index, e in entries.items()}
@@ -130,11 +138,7 @@ def disabled_categories(conn: Connection, phone_index: str) -> set[str]:
 
 def disabled_categories_many(conn: Connection, indexes: list[str]) -> dict[str, set[str]]:
     off: dict[str, set[str]] = {i: set() for i in indexes}
-    rows = conn.execute(
-        select(preferences.c.phone_index, preferences.c.category).where(
-            preferences.c.phone_index.in_(set(indexes)), preferences.c.enabled.is_(False)
-        )
-    )
+    rows = conn.execute(_OFF_OF, {"indexes": list(set(indexes))})
     for index, category in rows:
         off[index].add(category)
     return off

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select
 
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
@@ -107,6 +107,11 @@ def _ingest_in(
     return results
 
 
+_INVALID_OF = select(recipients.c.phone_index, recipients.c.invalid_reason).where(
+    recipients.c.phone_index.in_(bindparam("indexes", expanding=True))
+)
+
+
 class _Lookups:
     """What ingest reads about a batch's numbers and sources, fetched once per batch: a
     batch of 100 events costs a few queries instead of a few hundred."""
@@ -120,11 +125,7 @@ class _Lookups:
         )
         self.invalid: dict[str, str | None] = {}
         if indexes:
-            rows = conn.execute(
-                select(recipients.c.phone_index, recipients.c.invalid_reason).where(
-                    recipients.c.phone_index.in_(indexes)
-                )
-            )
+            rows = conn.execute(_INVALID_OF, {"indexes": indexes})
             self.invalid = {index: reason for index, reason in rows}
         self.consent = consent.states(conn, indexes) if indexes else {}
         self.off = consent.disabled_categories_many(conn, indexes) if indexes else {}

@@ -59,6 +59,9 @@ class BatchSchema(Schema):
     )
 
 
+BATCH_SCHEMA = BatchSchema()  # schemas are reusable; building one per request costs more
+
+
 def _flatten(errors, prefix: str = "") -> dict[str, list[str]]:
     flat: dict[str, list[str]] = {}
     for key, value in errors.items():
@@ -109,7 +112,7 @@ def post_events():
     if not isinstance(body, dict):
         return jsonify(error='expected an event object or {"events": [...]}'), 400
     try:
-        items = BatchSchema().load(body)["events"]
+        items = BATCH_SCHEMA.load(body)["events"]
     except ValidationError as exc:
         return jsonify(errors=_flatten(exc.messages)), 400
     results = ingest(runtime, [_to_event(item) for item in items])
