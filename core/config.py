@@ -592,7 +592,20 @@ def _conditions(value: Any) -> list[dict[str, Any]]:
     return loaded
 
 
-class CrmRuleSchema(_Section):
+class CrmFieldsSchema(_Section):
+    """Where a record keeps what events need; `[crm.defaults]` holds these for every rule."""
+
+    phone = _Converted(_paths)
+    country = _Converted(_paths)
+    locale = _Converted(_paths)
+    name = _Converted(_paths)
+    timezone = _Converted(_paths)
+    customer_id = _Converted(_paths)
+    data = _Converted(_context_map)
+    starts_at = _path()  # appointments: when it starts
+
+
+class CrmRuleSchema(CrmFieldsSchema):
     """One mapping rule: a condition on a record, and the event it makes."""
 
     event = Text(required=True, validate=_one_of(CRM_EVENTS, "event kind"))
@@ -603,14 +616,6 @@ class CrmRuleSchema(_Section):
         )
     )
     repeat = fields.Boolean()  # a new event for every modification the condition holds on
-    phone = _Converted(_paths)
-    country = _Converted(_paths)
-    locale = _Converted(_paths)
-    name = _Converted(_paths)
-    timezone = _Converted(_paths)
-    customer_id = _Converted(_paths)
-    data = _Converted(_context_map)
-    starts_at = _path()  # appointments: when it starts
     reminders = fields.List(_Converted(_seconds), validate=validate.Length(min=1))
     consent = Text(validate=_one_of(("opt_out", "opt_in"), "consent action"))
     scope = Text(validate=_one_of(("all", "marketing"), "consent scope"))
@@ -619,11 +624,9 @@ class CrmRuleSchema(_Section):
     def _kind_keys(self, data: dict[str, Any], **kwargs: Any) -> None:
         event = data.get("event", "")
         errors: dict[str, list[str]] = {}
-        if event == "appointment.reminder":
-            for key in ("starts_at", "reminders"):
-                if key not in data:
-                    errors[key] = ['required when event = "appointment.reminder"']
-        elif "reminders" in data:
+        if event == "appointment.reminder" and "reminders" not in data:
+            errors["reminders"] = ['required when event = "appointment.reminder"']
+        elif "reminders" in data and event != "appointment.reminder":
             errors["reminders"] = ['only for event = "appointment.reminder"']
         if "starts_at" in data and not event.startswith("appointment."):
             errors["starts_at"] = ["only for appointment events"]
@@ -672,6 +675,7 @@ class CrmSchema(_Section):
     timeout_seconds = _positive()
     base_url = _url()
     record = Text(validate=validate.Regexp(r"[A-Za-z0-9_-]+\Z", error="use A-Z a-z 0-9 _ -"))
+    defaults = fields.Nested(CrmFieldsSchema)  # for every rule that does not say otherwise
     mapping = fields.List(fields.Nested(CrmRuleSchema))
     sample = fields.Dict(keys=fields.String())  # a record, for `txsms check-config`
     # kind = "hubspot"
@@ -679,6 +683,8 @@ class CrmSchema(_Section):
     object = Text(validate=validate.Regexp(r"[A-Za-z0-9_-]+\Z", error="expected an object type"))
     modified_property = fields.String()
     properties = fields.List(fields.String())
+    # object type -> the properties to read of the associated records (a deal's contacts)
+    associations = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
     # kind = "http"
     url = _url()
     auth = fields.Nested(CrmAuthSchema)
@@ -693,7 +699,7 @@ class CrmSchema(_Section):
     sorted = fields.Boolean()  # items come oldest-modified first
 
     ONLY = {
-        "hubspot": ("token", "object", "modified_property", "properties"),
+        "hubspot": ("token", "object", "modified_property", "properties", "associations"),
         "http": (
             *("url", "auth", "params", "items_path", "id_path", "modified_path"),
             *("cursor_param", "cursor_format", "next_path", "next_param", "sorted"),
@@ -721,6 +727,12 @@ class CrmSchema(_Section):
         seen: dict[str, int] = {}
         for i, rule in enumerate(data.get("mapping", [])):
             event = rule.get("event")
+            if event == "appointment.reminder" and "starts_at" not in {
+                **data.get("defaults", {}),
+                **rule,
+            }:
+                problem = "required for reminders (here or in [crm.defaults])"
+                errors.setdefault("mapping", {})[i] = {"starts_at": [problem]}
             if event in seen and not (rule.get("key") and data["mapping"][seen[event]].get("key")):
                 problem = f"mapping.{seen[event]} also makes {event}: give both rules a key"
                 errors.setdefault("mapping", {})[i] = {"key": [problem]}

@@ -22,23 +22,41 @@ from sqlalchemy import Connection, Engine
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[[Connection], object]
+RunGroup = Callable[[Connection, list], list]
+
+
+_STOP = object()
+
+
+def run_each(conn: Connection, items: list) -> list:
+    """The default: every item is a callable `work(conn)`."""
+    return [work(conn) for work in items]
 
 
 class GroupCommitter:
-    def __init__(self, engine: Engine, max_items: int = 64):
+    def __init__(self, engine: Engine, run_group: RunGroup = run_each, max_items: int = 64):
+        """`run_group(conn, items)` does the work of a whole group and returns a result per
+        item; it may share look-ups across the group (ingest does)."""
         self.engine = engine
+        self.run_group = run_group
         self.max_items = max_items
-        self._queue: queue.SimpleQueue[tuple[Work, Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[object, Future]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def run(self, work: Callable[[Connection], T]) -> T:
-        """Run `work(conn)` in a shared transaction; return its result once committed."""
+    def run(self, item):
+        """Hand `item` to the writer; return its result once the commit holding it is done."""
         future: Future = Future()
-        self._queue.put((work, future))
+        self._queue.put((item, future))
         self._ensure_thread()
         return future.result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the writer after what is queued, and release its connection."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put((_STOP, None))
+            thread.join(timeout)
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -51,28 +69,43 @@ class GroupCommitter:
                 self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            while len(items) < self.max_items:
+        conn: Connection | None = None  # held across groups: no pool check-out per commit
+        stopping = False
+        while not stopping:
+            group = [self._queue.get()]
+            while len(group) < self.max_items:
                 try:
-                    items.append(self._queue.get_nowait())
+                    group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            if any(item is _STOP for item, _ in group):
+                stopping = True
+                group = [(item, future) for item, future in group if item is not _STOP]
+                if not group:
+                    break
+            items = [item for item, _ in group]
             try:
-                with self.engine.begin() as conn:
-                    results = [work(conn) for work, _ in items]
+                if conn is None or conn.closed:
+                    conn = self.engine.connect()
+                with conn.begin():
+                    results = self.run_group(conn, items)
             except Exception:
+                if conn is not None:
+                    conn.close()  # a broken connection must not be reused
+                    conn = None
                 # One bad item must not fail the others: run each in a transaction of its own.
-                for work, future in items:
-                    self._alone(work, future)
+                for item, future in group:
+                    self._alone(item, future)
                 continue
-            for (_, future), result in zip(items, results, strict=True):
+            for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)
+        if conn is not None:
+            conn.close()
 
-    def _alone(self, work: Work, future: Future) -> None:
+    def _alone(self, item, future: Future) -> None:
         try:
             with self.engine.begin() as conn:
-                result = work(conn)
+                [result] = self.run_group(conn, [item])
         except Exception as exc:
             future.set_exception(exc)
         else:

@@ -8,9 +8,11 @@ for `ingest` to commit before it answers, and answer fast.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, or_, select
@@ -18,6 +20,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
 from txsms.core.events import MESSAGE_KINDS, Event, Recipient
+from txsms.core.groupcommit import GroupCommitter
 from txsms.core.metrics import DECISIONS, EVENTS, platform_of
 from txsms.core.notify import notify_outbox
 from txsms.core.phones import Phone, PhoneError, normalize
@@ -71,9 +74,10 @@ def ingest(
     `delivery` is a platform's (source, delivery id): when that delivery was already
     processed, nothing is done and None is returned.
     """
-    results = runtime.committer.run(
-        lambda conn: _ingest_in(runtime, conn, batch, delivery, time.time())
-    )
+    # Phone numbers are parsed here, on the request's own thread, before the hand-off to
+    # the single writer thread: the writer should spend its time on the database.
+    phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
+    results = _committer(runtime).run(_Request(batch, delivery, phones))
     if results is None:
         return None
     queued = any(d.status in ("pending", "deferred") for r in results for d in r.messages)
@@ -86,25 +90,49 @@ def ingest(
     return results
 
 
-def _ingest_in(
-    runtime: Runtime,
-    conn: Connection,
-    batch: list[Event],
-    delivery: tuple[str, str] | None,
-    now: float,
-) -> list[IngestResult] | None:
-    if delivery is not None and not insert_ignore(
-        conn,
-        deliveries,
-        {"source": delivery[0], "delivery_id": delivery[1], "received_at": now},
-        ["source", "delivery_id"],
-    ):
-        return None
-    lookups = _Lookups(runtime, conn, batch)
-    results = [_ingest_one(runtime, conn, event, now, lookups) for event in batch]
-    if any(d.status in ("pending", "deferred") for r in results for d in r.messages):
+@dataclass(frozen=True)
+class _Request:
+    batch: list[Event]
+    delivery: tuple[str, str] | None
+    phones: dict[tuple, tuple[Phone | None, str | None]]
+
+
+_committer_lock = threading.Lock()
+
+
+def _committer(runtime: Runtime) -> GroupCommitter:
+    """One writer per runtime: concurrent ingests share its transaction and commit."""
+    committer = runtime.__dict__.get("_ingest_committer")
+    if committer is None:
+        with _committer_lock:
+            committer = runtime.__dict__.get("_ingest_committer")
+            if committer is None:
+                committer = GroupCommitter(runtime.engine, partial(_ingest_group, runtime))
+                runtime.__dict__["_ingest_committer"] = committer
+    return committer
+
+
+def _ingest_group(
+    runtime: Runtime, conn: Connection, requests: list[_Request]
+) -> list[list[IngestResult] | None]:
+    """Ingest the requests that queued up together, with one set of look-ups for all."""
+    now = time.time()
+    phones = {k: v for r in requests for k, v in r.phones.items()}
+    lookups = _Lookups(runtime, conn, [e for r in requests for e in r.batch], phones)
+    out: list[list[IngestResult] | None] = []
+    for request in requests:
+        if request.delivery is not None and not insert_ignore(
+            conn,
+            deliveries,
+            {"source": request.delivery[0], "delivery_id": request.delivery[1], "received_at": now},
+            ["source", "delivery_id"],
+        ):
+            out.append(None)
+            continue
+        out.append([_ingest_one(runtime, conn, event, now, lookups) for event in request.batch])
+    if any(d.status in ("pending", "deferred") for r in out if r for x in r for d in x.messages):
         notify_outbox(conn)  # wakes workers in other processes, once this commits
-    return results
+    return out
 
 
 _INVALID_OF = select(recipients.c.phone_index, recipients.c.invalid_reason).where(
@@ -116,9 +144,15 @@ class _Lookups:
     """What ingest reads about a batch's numbers and sources, fetched once per batch: a
     batch of 100 events costs a few queries instead of a few hundred."""
 
-    def __init__(self, runtime: Runtime, conn: Connection, batch: list[Event]):
+    def __init__(
+        self,
+        runtime: Runtime,
+        conn: Connection,
+        batch: list[Event],
+        phones: dict[tuple, tuple[Phone | None, str | None]] | None = None,
+    ):
         self.runtime, self.conn = runtime, conn
-        self._phones: dict[tuple, tuple[Phone | None, str | None]] = {}
+        self._phones = dict(phones or {})
         self.sources: dict[str, bool] = {}
         indexes = list(
             {runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0]) is not None}

@@ -87,6 +87,9 @@ class Runtime:
         return self.config.sender.timezone
 
     def close(self) -> None:
+        for name in ("committer", "_ingest_committer"):
+            if name in self.__dict__:
+                self.__dict__[name].close()
         if "_relaxed_engine" in self.__dict__ and self._relaxed_engine is not self.engine:
             self._relaxed_engine.dispose()
         self.engine.dispose()

@@ -15,24 +15,20 @@ import json
 import logging
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-import requests
-
-from txsms.core.errors import ConfigError
 from txsms.core.providers.base import (
     CallbackRequest,
     InboundMessage,
     Outcome,
     OutgoingMessage,
-    Provider,
     ProviderResult,
     StatusReport,
 )
-from txsms.core.providers.twilio import _network_outcome, _retry_after
-from txsms.core.redact import redact_phone, scrub
+from txsms.core.providers.http import HttpProvider, http_text
 
 if TYPE_CHECKING:
+    import requests
+
     from txsms.core.config import ProviderConfig
 
 log = logging.getLogger(__name__)
@@ -43,24 +39,18 @@ LEEWAY = 1.0  # seconds of clock skew allowed on nbf and exp, as MessageBird's o
 JWT_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
 
-class MessageBirdProvider(Provider):
+class MessageBirdProvider(HttpProvider):
     name = "messagebird"
+    default_base_url = "https://rest.messagebird.com"
+    required = ("access_key", "from_")
+    secret_fields = ("access_key", "signing_key")
 
     def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
         super().__init__(config, public_url=public_url)
-        for key in ("access_key", "from_"):
-            if not getattr(config, key):
-                raise ConfigError("required by messagebird", key=f"provider.{key.rstrip('_')}")
-        base = (config.base_url or "https://rest.messagebird.com").rstrip("/")
-        if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
-            raise ConfigError(f"not an http(s) URL: {base!r}", key="provider.base_url")
-        self.messages_url = f"{base}/messages"
-        self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
-        self.session = requests.Session()
-        self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
+        self.messages_url = f"{self.base_url}/messages"
         self.session.headers["Authorization"] = f"AccessKey {config.access_key}"
 
-    def send(self, message: OutgoingMessage) -> ProviderResult:
+    def build_request(self, message: OutgoingMessage) -> tuple[str, dict]:
         body = {
             "originator": self.config.from_,
             "recipients": message.to.lstrip("+"),  # an MSISDN, as MessageBird's SDK sends it
@@ -71,55 +61,24 @@ class MessageBirdProvider(Provider):
         }
         if callback := self.status_callback_url():
             body["reportUrl"] = callback
-        try:
-            resp = self.session.post(
-                self.messages_url, json=body, timeout=self.timeout, allow_redirects=False
-            )
-            return self._classify(resp, message)
-        except Exception as exc:  # never raise: decide whether the request may have left
-            outcome, text = _network_outcome(exc)
-            log.warning("messagebird send to %s: %s", redact_phone(message.to), text)
-            return ProviderResult(outcome, error_text=self._clean(text, message))
+        return self.messages_url, {"json": body}
 
-    def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
-        data = data if isinstance(data, dict) else {}
-        if 200 <= resp.status_code < 300:
-            if data.get("id"):
-                items = (data.get("recipients") or {}).get("items") or [{}]
-                status = items[0].get("status") if isinstance(items[0], dict) else None
-                return ProviderResult(Outcome.SENT, str(data["id"]), status)
-            text = f"HTTP {resp.status_code} without a message id: {resp.text[:200]}"
-            return ProviderResult(Outcome.UNKNOWN, error_text=self._clean(text, message))
+    def parse_sent(self, resp: requests.Response, data: dict, message: OutgoingMessage):
+        if not data.get("id"):
+            return None
+        items = (data.get("recipients") or {}).get("items") or [{}]
+        status = items[0].get("status") if isinstance(items[0], dict) else None
+        return ProviderResult(Outcome.SENT, str(data["id"]), status)
+
+    def parse_error(self, resp: requests.Response, data: dict):
+        # No code in our reference means "opted out" or "no such number": the HTTP status
+        # alone decides (FAILED, or RETRY/UNKNOWN for 429/503 and other 5xx).
         errors = data.get("errors") or [{}]
         first = errors[0] if isinstance(errors, list) and isinstance(errors[0], dict) else {}
-        code = str(first["code"] if first.get("code") is not None else resp.status_code)
-        text = str(first.get("description") or f"HTTP {resp.status_code}: {resp.text[:200]}")
+        text = str(first.get("description") or http_text(resp))
         if first.get("parameter"):
             text += f" ({first['parameter']})"
-        text = self._clean(text, message)[:500]
-        if resp.status_code in (429, 503):  # refused before any processing
-            wait = _retry_after(resp.headers.get("Retry-After"))
-            return ProviderResult(Outcome.RETRY, error_code=code, error_text=text, retry_after=wait)
-        # No code in our reference means "opted out" or "no such number", so every other 4xx
-        # is FAILED; other 5xx (a gateway timeout) may follow an accepted message.
-        outcome = Outcome.UNKNOWN if resp.status_code >= 500 else Outcome.FAILED
-        return ProviderResult(outcome, error_code=code, error_text=text)
-
-    def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
-        for secret in (self.config.access_key, self.config.signing_key):
-            if secret and len(secret) >= 8:
-                text = text.replace(secret, "[secret]")
-        if message is not None:  # MessageBird quotes MSISDNs without the +
-            for form in (message.to, message.to.lstrip("+")):
-                text = text.replace(form, redact_phone(message.to))
-        return scrub(text)
-
-    def close(self) -> None:
-        self.session.close()
+        return first.get("code"), text, None
 
     # -- the return path ------------------------------------------------------------------
 

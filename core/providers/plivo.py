@@ -11,101 +11,60 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-import requests
-
-from txsms.core.errors import ConfigError
 from txsms.core.providers.base import (
     CallbackRequest,
     InboundMessage,
     Outcome,
     OutgoingMessage,
-    Provider,
     ProviderResult,
     StatusReport,
 )
-from txsms.core.providers.twilio import _network_outcome, _positive_int, _retry_after
-from txsms.core.redact import redact_phone, scrub
+from txsms.core.providers.http import HttpProvider, positive_int
 
 if TYPE_CHECKING:
+    import requests
+
     from txsms.core.config import ProviderConfig
 
-log = logging.getLogger(__name__)
 
-
-class PlivoProvider(Provider):
+class PlivoProvider(HttpProvider):
     name = "plivo"
+    default_base_url = "https://api.plivo.com"
+    required = ("auth_id", "auth_token", "from_")
+    secret_fields, secret_mark = ("auth_token",), "[token]"
+    id_name = "message_uuid"
 
     def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
         super().__init__(config, public_url=public_url)
-        for key in ("auth_id", "auth_token", "from_"):
-            if not getattr(config, key):
-                raise ConfigError("required by plivo", key=f"provider.{key.rstrip('_')}")
-        base = (config.base_url or "https://api.plivo.com").rstrip("/")
-        if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
-            raise ConfigError(f"not an http(s) URL: {base!r}", key="provider.base_url")
-        self.messages_url = f"{base}/v1/Account/{config.auth_id}/Message/"  # the slash matters
-        self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
-        self.session = requests.Session()
+        self.messages_url = (
+            f"{self.base_url}/v1/Account/{config.auth_id}/Message/"  # the slash matters
+        )
         self.session.auth = (config.auth_id, config.auth_token)
-        self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
 
-    def send(self, message: OutgoingMessage) -> ProviderResult:
+    def build_request(self, message: OutgoingMessage) -> tuple[str, dict]:
         # Plivo picks GSM-7 or UCS-2 itself; there is no encoding field to set.
         body = {"src": self.config.from_, "dst": message.to, "text": message.body, "type": "sms"}
         if callback := self.status_callback_url():
             body.update(url=callback, method="POST")
-        try:
-            resp = self.session.post(
-                self.messages_url, json=body, timeout=self.timeout, allow_redirects=False
-            )
-            return self._classify(resp, message)
-        except Exception as exc:  # never raise: decide whether the request may have left
-            outcome, text = _network_outcome(exc)
-            log.warning("plivo send to %s: %s", redact_phone(message.to), text)
-            return ProviderResult(outcome, error_text=self._clean(text, message))
+        return self.messages_url, {"json": body}
 
-    def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
-        data = data if isinstance(data, dict) else {}
-        code = str(resp.status_code)  # Plivo's errors carry text only: the status is the code
-        if 200 <= resp.status_code < 300:
-            uuids = data.get("message_uuid")
-            if isinstance(uuids, list) and uuids and uuids[0]:
-                return ProviderResult(Outcome.SENT, str(uuids[0]), provider_status="queued")
-            if data.get("invalid_number"):  # Plivo refused the number: nothing was sent
-                text = "Plivo listed the number as invalid"
-                return ProviderResult(Outcome.FAILED, error_code=code, error_text=text)
-            text = f"HTTP {code} without a message_uuid: {resp.text[:200]}"  # it may exist
-            return ProviderResult(Outcome.UNKNOWN, error_text=self._clean(text, message))
+    def parse_sent(self, resp: requests.Response, data: dict, message: OutgoingMessage):
+        uuids = data.get("message_uuid")
+        if isinstance(uuids, list) and uuids and uuids[0]:
+            return ProviderResult(Outcome.SENT, str(uuids[0]), provider_status="queued")
+        if data.get("invalid_number"):  # Plivo refused the number: nothing was sent
+            text = "Plivo listed the number as invalid"
+            return ProviderResult(Outcome.FAILED, error_code=str(resp.status_code), error_text=text)
+        return None
+
+    def parse_error(self, resp: requests.Response, data: dict):
+        # Plivo's errors carry text only: the HTTP status is the code.
         error = data.get("error")
-        text = error if isinstance(error, str) else f"HTTP {code}: {resp.text[:200]}"
-        text = self._clean(text, message)[:500]
-        if resp.status_code in (429, 503):  # refused before any processing
-            wait = _retry_after(resp.headers.get("Retry-After"))
-            return ProviderResult(Outcome.RETRY, error_code=code, error_text=text, retry_after=wait)
-        # Other 5xx are not documented as "nothing happened": a gateway timeout may follow an
-        # accepted message.
-        outcome = Outcome.UNKNOWN if resp.status_code >= 500 else Outcome.FAILED
-        return ProviderResult(outcome, error_code=code, error_text=text)
-
-    def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
-        if len(self.config.auth_token) >= 8:
-            text = text.replace(self.config.auth_token, "[token]")
-        if message is not None:  # Plivo quotes numbers with or without the +
-            for form in (message.to, message.to.lstrip("+")):
-                text = text.replace(form, redact_phone(message.to))
-        return scrub(text)
-
-    def close(self) -> None:
-        self.session.close()
+        return None, error if isinstance(error, str) else None, None
 
     # -- the return path ------------------------------------------------------------------
 
@@ -143,7 +102,7 @@ class PlivoProvider(Provider):
         status = _STATUS.get(p.get("Status", "").lower(), "queued")
         code = p.get("ErrorCode") if p.get("ErrorCode", "").strip("0") else None  # 000: no error
         text = f"Plivo error {code}" if code else None
-        return [StatusReport(uuid, status, code, text, _positive_int(p.get("Units")))]
+        return [StatusReport(uuid, status, code, text, positive_int(p.get("Units")))]
 
 
 _STATUS = {

@@ -11,17 +11,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
-import ssl
-import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape as xml_escape
-
-import requests
-from urllib3.exceptions import NewConnectionError, ProtocolError
 
 from txsms.core.errors import ConfigError, TxsmsError
 from txsms.core.providers.base import (
@@ -30,16 +24,16 @@ from txsms.core.providers.base import (
     LookupUnavailable,
     Outcome,
     OutgoingMessage,
-    Provider,
     ProviderResult,
     StatusReport,
 )
-from txsms.core.redact import redact_phone, scrub
+from txsms.core.providers.http import HttpProvider, positive_int
+from txsms.core.redact import redact_phone
 
 if TYPE_CHECKING:
-    from txsms.core.config import ProviderConfig
+    import requests
 
-log = logging.getLogger(__name__)
+    from txsms.core.config import ProviderConfig
 
 OPTED_OUT_CODES = frozenset({21610})
 INVALID_NUMBER_CODES = frozenset({21211, 21614, 30005, 30006, 21217, 21401, 21407})
@@ -50,31 +44,23 @@ class TwilioLookupError(LookupUnavailable, TxsmsError):
     """`find_sent` could not ask Twilio; the caller must not conclude "never sent"."""
 
 
-class TwilioProvider(Provider):
+class TwilioProvider(HttpProvider):
     name = "twilio"
+    default_base_url = "https://api.twilio.com"
+    required = ("account_sid", "auth_token")
+    secret_fields, secret_mark = ("auth_token",), "[token]"
+    id_name = "message sid"
 
     def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
         super().__init__(config, public_url=public_url)
-        for key in ("account_sid", "auth_token"):
-            if not getattr(config, key):
-                raise ConfigError("required for the twilio provider", key=f"provider.{key}")
         if not (config.from_ or config.messaging_service_sid):
             raise ConfigError("set `from` or `messaging_service_sid`", key="provider.from")
-        base = (config.base_url or "https://api.twilio.com").rstrip("/")
-        if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
-            raise ConfigError(f"not an http(s) URL: {base!r}", key="provider.base_url")
-        self.messages_url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
-        self.base_url = base
-        self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
-        self.session = requests.Session()
-        # Proxy settings from the environment are read once here, not on every request
-        # (requests would re-read them per call: a measurable share of a send).
-        self.session.proxies = requests.utils.get_environ_proxies(base)
-        self.session.trust_env = False
+        self.messages_url = (
+            f"{self.base_url}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
+        )
         self.session.auth = (config.account_sid, config.auth_token)
-        self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
 
-    def send(self, message: OutgoingMessage) -> ProviderResult:
+    def build_request(self, message: OutgoingMessage) -> tuple[str, dict]:
         form = {"To": message.to, "Body": message.body}
         if self.config.from_:
             form["From"] = self.config.from_
@@ -82,64 +68,30 @@ class TwilioProvider(Provider):
             form["MessagingServiceSid"] = self.config.messaging_service_sid
         if callback := self.status_callback_url():
             form["StatusCallback"] = callback
-        try:
-            resp = self.session.post(
-                self.messages_url, data=form, timeout=self.timeout, allow_redirects=False
-            )
-            return self._classify(resp, message)
-        except Exception as exc:  # never raise: decide whether the request may have left
-            outcome, text = _network_outcome(exc)
-            text = self._clean(text, message)
-            log.warning("twilio send %s to %s: %s", outcome, redact_phone(message.to), text)
-            return ProviderResult(outcome, error_text=text)
+        return self.messages_url, {"data": form}
 
-    def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
-        data = data if isinstance(data, dict) else None
-        if 200 <= resp.status_code < 300:
-            if data and data.get("sid"):
-                return ProviderResult(
-                    Outcome.SENT,
-                    provider_message_id=str(data["sid"]),
-                    provider_status=data.get("status"),
-                    segments=_positive_int(data.get("num_segments")),  # "0" via a service
-                )
-            # Accepted, but no sid to track it by: it may exist at Twilio.
-            text = f"HTTP {resp.status_code} without a message sid: {resp.text[:200]}"
-            return ProviderResult(Outcome.UNKNOWN, error_text=self._clean(text, message))
-        code = data.get("code") if data else None
-        code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
-        if data and data.get("message"):
-            text = str(data["message"])
-        else:
-            text = f"HTTP {resp.status_code}: {resp.text[:200]}"
-        result = dict(
-            error_code=str(code if code is not None else resp.status_code),
-            error_text=self._clean(text, message)[:500],
+    def parse_sent(self, resp: requests.Response, data: dict, message: OutgoingMessage):
+        if not data.get("sid"):
+            return None
+        return ProviderResult(
+            Outcome.SENT,
+            provider_message_id=str(data["sid"]),
+            provider_status=data.get("status"),
+            segments=positive_int(data.get("num_segments")),  # "0" via a service
         )
-        if code in OPTED_OUT_CODES:
-            return ProviderResult(Outcome.OPTED_OUT, **result)
-        if code in INVALID_NUMBER_CODES:
-            return ProviderResult(Outcome.INVALID_NUMBER, **result)
-        if resp.status_code in (429, 503) or code in RETRY_CODES:
-            retry_after = _retry_after(resp.headers.get("Retry-After"))
-            return ProviderResult(Outcome.RETRY, retry_after=retry_after, **result)
-        if resp.status_code >= 500:
-            # Twilio has no idempotency key, and a 500 or a gateway timeout can follow a
-            # message that was created: ask Twilio later (lookup) instead of resending.
-            return ProviderResult(Outcome.UNKNOWN, **result)
-        return ProviderResult(Outcome.FAILED, **result)
 
-    def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
-        """Error texts may quote the number (21211 does) and must never carry the token."""
-        if len(self.config.auth_token) >= 8:
-            text = text.replace(self.config.auth_token, "[token]")
-        if message is not None and message.to:
-            text = text.replace(message.to, redact_phone(message.to))
-        return scrub(text)
+    def parse_error(self, resp: requests.Response, data: dict):
+        code = data.get("code")
+        code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
+        text = str(data["message"]) if data.get("message") else None
+        outcome = None
+        if code in OPTED_OUT_CODES:
+            outcome = Outcome.OPTED_OUT
+        elif code in INVALID_NUMBER_CODES:
+            outcome = Outcome.INVALID_NUMBER
+        elif code in RETRY_CODES:
+            outcome = Outcome.RETRY
+        return code, text, outcome
 
     def find_sent(self, to: str, since: float) -> list[dict]:
         """Messages to `to` sent on or after the UTC day of `since` (newest first, all pages).
@@ -165,9 +117,6 @@ class TwilioProvider(Provider):
                 break
             url, params = self.base_url + next_uri, None
         return found
-
-    def close(self) -> None:
-        self.session.close()
 
     # -- the return path ------------------------------------------------------------------
 
@@ -236,7 +185,7 @@ class TwilioProvider(Provider):
                 provider_message_id=found.get("sid"),
                 provider_status=found.get("status"),
                 error_code=str(found["error_code"]) if found.get("error_code") else None,
-                segments=_positive_int(found.get("num_segments")),
+                segments=positive_int(found.get("num_segments")),
             )
         return None
 
@@ -270,63 +219,3 @@ def _rfc2822(value: object) -> float | None:
         return parsedate_to_datetime(str(value)).timestamp() if value else None
     except (TypeError, ValueError):
         return None
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and all it wraps, outermost first: requests -> MaxRetryError.reason -> OS."""
-    found: list[BaseException] = []
-    todo = [exc]
-    while todo and len(found) < 20:
-        e = todo.pop(0)
-        if any(e is f for f in found):
-            continue
-        found.append(e)
-        more = [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
-        todo.extend(m for m in more if isinstance(m, BaseException))
-    return found
-
-
-def _network_outcome(exc: Exception) -> tuple[Outcome, str]:
-    """RETRY only when the request provably never left; anything else may have reached Twilio."""
-    causes = _causes(exc)
-    # Name what happened by the innermost standard-library error (type only: urllib3's messages
-    # carry URLs), e.g. "(RemoteDisconnected)", "(ConnectionRefusedError)".
-    std = [type(e).__name__ for e in causes if type(e).__module__ in ("builtins", "http.client")]
-    detail = f" ({std[-1] if std else type(exc).__name__})"
-    if isinstance(exc, requests.ReadTimeout):
-        return Outcome.UNKNOWN, "read timeout after the request was sent" + detail
-    if any(isinstance(e, ProtocolError) for e in causes):
-        return Outcome.UNKNOWN, "connection dropped after the request was sent" + detail
-    if isinstance(exc, requests.ConnectTimeout):
-        return Outcome.RETRY, "connect timeout, nothing sent" + detail
-    if isinstance(exc, requests.ConnectionError):
-        if any(isinstance(e, NewConnectionError) for e in causes):  # refused, DNS, unreachable
-            return Outcome.RETRY, "could not connect, nothing sent" + detail
-        if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes):
-            return Outcome.RETRY, "TLS certificate verification failed, nothing sent" + detail
-        return Outcome.UNKNOWN, "connection error after connecting" + detail
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return Outcome.UNKNOWN, "response cut off" + detail
-    return Outcome.UNKNOWN, "unexpected error while sending" + detail
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _positive_int(value: object) -> int | None:
-    if isinstance(value, str) and value.isdigit() and int(value) > 0:
-        return int(value)
-    return None

@@ -16,24 +16,20 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-import requests
-
-from txsms.core.errors import ConfigError
 from txsms.core.providers.base import (
     CallbackRequest,
     InboundMessage,
     Outcome,
     OutgoingMessage,
-    Provider,
     ProviderResult,
     StatusReport,
 )
-from txsms.core.providers.twilio import _network_outcome, _positive_int, _retry_after
-from txsms.core.redact import redact_phone, scrub
+from txsms.core.providers.http import HttpProvider, http_text, positive_int
 
 if TYPE_CHECKING:
+    import requests
+
     from txsms.core.config import ProviderConfig
 
 log = logging.getLogger(__name__)
@@ -47,27 +43,22 @@ MAX_SKEW = 300  # signed webhooks more than 5 minutes from now are refused: repl
 DIGESTS = {name: getattr(hashlib, name) for name in ("md5", "sha1", "sha256", "sha512")}
 
 
-class VonageProvider(Provider):
+class VonageProvider(HttpProvider):
     name = "vonage"
+    default_base_url = "https://rest.nexmo.com"
+    required = ("api_key", "api_secret", "from_")
+    secret_fields, min_secret = ("api_secret", "signature_secret"), 6
+    ok_statuses = (200,)  # Vonage's own errors come as 200: any other status is a gateway's
 
     def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
         super().__init__(config, public_url=public_url)
-        for key in ("api_key", "api_secret", "from_"):
-            if not getattr(config, key):
-                raise ConfigError("required by vonage", key=f"provider.{key.rstrip('_')}")
-        base = (config.base_url or "https://rest.nexmo.com").rstrip("/")
-        if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
-            raise ConfigError(f"not an http(s) URL: {base!r}", key="provider.base_url")
-        self.sms_url = f"{base}/sms/json"
+        self.sms_url = f"{self.base_url}/sms/json"
         self.callback = self.status_callback_url()
         if self.callback and len(self.callback) > 100:  # Vonage would refuse it (status 23)
             log.warning("vonage: status URL over 100 characters, the dashboard's DLR URL applies")
             self.callback = None
-        self.timeout = (min(5.0, config.timeout_seconds), config.timeout_seconds)
-        self.session = requests.Session()
-        self.session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
 
-    def send(self, message: OutgoingMessage) -> ProviderResult:
+    def build_request(self, message: OutgoingMessage) -> tuple[str, dict]:
         form = {
             "api_key": self.config.api_key,
             "api_secret": self.config.api_secret,
@@ -80,34 +71,13 @@ class VonageProvider(Provider):
             form["type"] = "unicode"  # Vonage does not detect it: the text would arrive mangled
         if self.callback:
             form["callback"] = self.callback
-        try:
-            resp = self.session.post(
-                self.sms_url, data=form, timeout=self.timeout, allow_redirects=False
-            )
-            return self._classify(resp, message)
-        except Exception as exc:  # never raise: decide whether the request may have left
-            outcome, text = _network_outcome(exc)
-            log.warning("vonage send to %s: %s", redact_phone(message.to), text)
-            return ProviderResult(outcome, error_text=self._clean(text, message))
+        return self.sms_url, {"data": form}
 
-    def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
-        code, text = str(resp.status_code), f"HTTP {resp.status_code}: {resp.text[:200]}"
-        if resp.status_code != 200:  # Vonage's own errors come as 200: this is a gateway's
-            # 429 and 503 refuse before any processing; other 5xx (a gateway timeout) may
-            # follow an accepted message.
-            text = self._clean(text, message)
-            if resp.status_code in (429, 503):
-                wait = _retry_after(resp.headers.get("Retry-After"))
-                return ProviderResult(
-                    Outcome.RETRY, error_code=code, error_text=text, retry_after=wait
-                )
-            outcome = Outcome.UNKNOWN if resp.status_code >= 500 else Outcome.FAILED
-            return ProviderResult(outcome, error_code=code, error_text=text)
+    def parse_sent(self, resp: requests.Response, data: dict, message: OutgoingMessage):
         try:
-            data = resp.json()
             parts = [dict(part) for part in data["messages"]]
         except (ValueError, KeyError, TypeError):
-            data, parts = None, []
+            parts = []
         # A long text is one entry per part, each with its own id and its own receipt: the
         # first part's id stands for the message.
         sent = [p for p in parts if str(p.get("status")) == "0"]
@@ -115,8 +85,10 @@ class VonageProvider(Provider):
         failed = next((p for p in parts if str(p.get("status")) != "0"), None)
         if failed is None:
             if not first_id:  # accepted, but nothing to track it by: it may exist
-                return ProviderResult(Outcome.UNKNOWN, error_text=self._clean(text, message))
-            segments = _positive_int(str(data.get("message-count"))) or len(parts)
+                return ProviderResult(
+                    Outcome.UNKNOWN, error_text=self._clean(http_text(resp), message)
+                )
+            segments = positive_int(str(data.get("message-count"))) or len(parts)
             return ProviderResult(Outcome.SENT, provider_message_id=first_id, segments=segments)
         code = str(failed.get("status"))
         text = self._clean(str(failed.get("error-text") or f"status {code}"), message)[:400]
@@ -134,18 +106,6 @@ class VonageProvider(Provider):
         elif code in INVALID_NUMBER_STATUSES:
             outcome = Outcome.INVALID_NUMBER
         return ProviderResult(outcome, error_code=code, error_text=text)
-
-    def _clean(self, text: str, message: OutgoingMessage | None = None) -> str:
-        for secret in (self.config.api_secret, self.config.signature_secret):
-            if secret and len(secret) >= 6:
-                text = text.replace(secret, "[secret]")
-        if message is not None:  # Vonage quotes numbers without the +
-            for form in (message.to, message.to.lstrip("+")):
-                text = text.replace(form, redact_phone(message.to))
-        return scrub(text)
-
-    def close(self) -> None:
-        self.session.close()
 
     # -- the return path: signed webhooks, as a GET query, a POST form or a POST JSON body --
 
