@@ -132,3 +132,37 @@ def test_unknown_route_and_method_answer_json(client):
     assert client.get("/nope").status_code == 404
     response = client.get("/api/v1/events")
     assert response.status_code == 405 and response.is_json
+
+
+def test_an_order_ref_addresses_a_later_event_and_cancels_queued_ones(client, runtime):
+    later = "2099-01-01T10:00:00Z"
+    booked = {
+        **EVENT,
+        "key": "appt:1:reminder",
+        "kind": "appointment.reminder",
+        "send_at": later,
+        "order": {"ref": "appt:1"},
+    }
+    assert post(client, booked).json["events"][0]["messages"][0]["status"] == "deferred"
+    cancel = {
+        "kind": "messages.cancel",
+        "key": "appt:1:cancel",
+        "order": {"ref": "appt:1"},
+        "data": {"kinds": ["appointment.reminder"], "reason": "appointment_cancelled"},
+    }
+    assert post(client, cancel).status_code == 202
+    no_phone = {
+        "kind": "appointment.cancelled",
+        "key": "appt:1:cancelled",
+        "order": {"ref": "appt:1"},
+    }
+    [decision] = post(client, no_phone).json["events"][0]["messages"]
+    assert decision["status"] == "pending"  # addressed from the stored appointment
+    with runtime.engine.connect() as conn:
+        statuses = dict(conn.execute(select(messages.c.kind, messages.c.status)).all())
+    assert statuses["appointment.reminder"] == "cancelled"
+
+
+def test_source_disabled_is_not_for_api_callers(client, runtime):
+    response = post(client, {"kind": "source.disabled", "key": "x"})
+    assert response.status_code == 400 and "events.0.kind" in response.json["errors"]

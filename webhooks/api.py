@@ -9,7 +9,7 @@ from datetime import UTC
 from flask import Blueprint, abort, current_app, jsonify, request
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
-from txsms.core.events import EVENT_KINDS, Consent, Event, Recipient
+from txsms.core.events import EVENT_KINDS, Consent, Event, OrderRef, Recipient
 from txsms.core.pipeline import ingest
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -37,17 +37,33 @@ class ConsentSchema(Schema):
     evidence = fields.Dict(load_default=dict)
 
 
+class OrderSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    ref = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    status = fields.String(load_default=None, validate=validate.Length(max=40))
+    modified_at = fields.AwareDateTime(load_default=None, default_timezone=UTC)
+
+
+#: `source.disabled` is for platform connectors (an uninstalled shop), not for API callers.
+API_KINDS = tuple(k for k in EVENT_KINDS if k != "source.disabled")
+
+
 class EventSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    kind = fields.String(required=True, validate=validate.OneOf(EVENT_KINDS))
+    kind = fields.String(required=True, validate=validate.OneOf(API_KINDS))
     key = fields.String(required=True, validate=validate.Length(min=1, max=300))
     recipient = fields.Nested(RecipientSchema, load_default=dict)
     data = fields.Dict(keys=fields.String(), load_default=dict)
     occurred_at = fields.AwareDateTime(load_default=None, default_timezone=UTC)
     send_at = fields.AwareDateTime(load_default=None, allow_none=True, default_timezone=UTC)
     consent = fields.Nested(ConsentSchema, load_default=None, allow_none=True)
+    # Ties the event to an order or appointment: later events without a number are addressed
+    # from it, older updates are ignored, and `messages.cancel` cancels what it still has queued.
+    order = fields.Nested(OrderSchema, load_default=None, allow_none=True)
 
 
 class BatchSchema(Schema):
@@ -84,7 +100,7 @@ def _authorized(tokens) -> bool:
 
 
 def _to_event(item: dict) -> Event:
-    consent = item.get("consent")
+    consent, order = item.get("consent"), item.get("order")
     return Event(
         source="api",
         kind=item["kind"],
@@ -92,6 +108,13 @@ def _to_event(item: dict) -> Event:
         recipient=Recipient(**item["recipient"]),
         data=item["data"],
         consent=Consent(**consent) if consent else None,
+        order=OrderRef(
+            ref=order["ref"],
+            status=order["status"],
+            modified_at=order["modified_at"].timestamp() if order["modified_at"] else None,
+        )
+        if order
+        else None,
         send_at=item["send_at"].timestamp() if item.get("send_at") else None,
         **({"occurred_at": item["occurred_at"].timestamp()} if item.get("occurred_at") else {}),
     )
