@@ -11,12 +11,8 @@ to the network on the request path: the route commits the Events and answers.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -30,8 +26,9 @@ import click
 import phonenumbers
 import requests
 
+from txsms.connectors import common
+from txsms.connectors.base import LOCALE, Delivery, as_dict, epoch, hmac_b64
 from txsms.connectors.base import Connector as _Base
-from txsms.connectors.base import Delivery
 from txsms.core.cliutil import config_option, load, open_runtime
 from txsms.core.config import Config
 from txsms.core.errors import PayloadError, SignatureError
@@ -71,8 +68,13 @@ _CANCELLED_BY_CANCEL = ["order.created", "order.paid", "order.fulfilled", "shipm
 
 
 def sign(secret: str, body: bytes) -> str:
-    """X-Shopify-Hmac-Sha256 of `body`: base64, not hex."""
-    return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+    """X-Shopify-Hmac-Sha256 of `body`, keyed by the app's client secret as it is."""
+    return hmac_b64(secret.encode(), body)
+
+
+def shop_key(domain: str) -> str:
+    """A shop is named by its myshopify domain, in any case."""
+    return domain.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -82,37 +84,26 @@ class ShopifyDelivery(Delivery):
 
 class Connector(_Base):
     name = "shopify"
+    header_prefixes = ("X-Shopify-", "Shopify-")  # the second: the events form of the headers
+    signature_header = "Hmac-Sha256"
 
     def __init__(self, config: Config):
         super().__init__(config)
         self.shops = {shop["domain"]: shop for shop in config.shopify.get("shops", [])}
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> ShopifyDelivery:
-        lowered = {k.lower(): v for k, v in headers.items()}
-
-        def header(name: str) -> str:  # X-Shopify-<name>, or the events form shopify-<name>
-            return (
-                lowered.get(f"x-shopify-{name}") or lowered.get(f"shopify-{name}") or ""
-            ).strip()
-
-        domain = header("shop-domain").lower()
+        h = self.headers(headers)
+        domain = shop_key(h["Shop-Domain"])
         shop = self.shops.get(domain)
         if shop is None:  # 401, as for a bad signature: nothing to verify it against
             raise SignatureError(f"unknown shop {domain[:100]!r}")
-        given = header("hmac-sha256").encode()
-        if not given:
-            raise SignatureError("missing X-Shopify-Hmac-Sha256")
-        # Every listed secret is tried: during a rotation Shopify signs with either.
-        if not any(hmac.compare_digest(sign(s, body).encode(), given) for s in shop["secret"]):
-            raise SignatureError("signature does not match the body")
+        expected = (sign(s, body) for s in shop["secret"])
+        self.check_signature(h, expected, "signature does not match the body")
         # Shopify sends only JSON; anything else is refused with 400 before it is parsed.
-        mime = lowered.get("content-type", "").split(";")[0].strip().lower()
-        if mime != "application/json" and not mime.endswith("+json"):
-            raise PayloadError(f"expected Content-Type application/json, got {mime[:60]!r}")
-        topic = header("topic").lower()
-        if not topic:
-            raise PayloadError("missing X-Shopify-Topic")
-        event_id = (header("event-id") or header("webhook-id"))[:120]
+        if h.mime != "application/json" and not h.mime.endswith("+json"):
+            raise PayloadError(f"expected Content-Type application/json, got {h.mime[:60]!r}")
+        topic = self.topic(h)
+        event_id = (h["Event-Id"] or h["Webhook-Id"])[:120]
         # The same Event-Id may be shared by the deliveries of several topics that one merchant
         # action caused, so a delivery is (topic, id); business keys dedupe across topics.
         return ShopifyDelivery(
@@ -179,8 +170,8 @@ def _orders(topic: str, order: dict[str, Any], shop: _Shop) -> list[Event]:
     status = kind.split(".")[1]  # created, paid, cancelled, fulfilled
     # Only full-order payloads say when the order last changed: a retry of an older
     # orders/* delivery is then ignored instead of overwriting newer order context.
-    ref_ = OrderRef(ref=ref, status=status, modified_at=_epoch(order.get("updated_at")))
-    at = _epoch(order.get("updated_at")) or time.time()
+    ref_ = OrderRef(ref=ref, status=status, modified_at=epoch(order.get("updated_at")))
+    at = epoch(order.get("updated_at")) or time.time()
 
     def event(kind: str, key: str, extra: dict[str, Any] | None = None) -> Event:
         data_ = {**data, **(extra or {})}
@@ -210,7 +201,7 @@ def _orders(topic: str, order: dict[str, Any], shop: _Shop) -> list[Event]:
 def _fulfillments(topic: str, fulfillment: dict[str, Any], shop: _Shop) -> list[Event]:
     fid = _required_id(fulfillment, "id")
     order = OrderRef(ref=_required_id(fulfillment, "order_id"))  # no modified_at: not the order
-    at = _epoch(fulfillment.get("updated_at")) or time.time()
+    at = epoch(fulfillment.get("updated_at")) or time.time()
     shipment = _shipment(fulfillment)
     if topic == "fulfillments/create":
         if fulfillment.get("status") in _FAILED_FULFILLMENT:
@@ -233,7 +224,7 @@ def _fulfillment_events(topic: str, fe: dict[str, Any], shop: _Shop) -> list[Eve
     if status not in SHIPMENT_STATUSES:
         return []
     fid = _required_id(fe, "fulfillment_id")
-    at = _epoch(fe.get("happened_at")) or _epoch(fe.get("created_at")) or time.time()
+    at = epoch(fe.get("happened_at")) or epoch(fe.get("created_at")) or time.time()
     # Same key as fulfillments/update with that shipment_status: each status once.
     return [
         Event(
@@ -268,7 +259,7 @@ def _refunds(topic: str, refund: dict[str, Any], shop: _Shop) -> list[Event]:
             "order.refunded",
             f"refund:{_required_id(refund, 'id')}",
             data=shop.data(refund={"amount": amount, "currency": currency}),
-            occurred_at=_epoch(refund.get("created_at")) or time.time(),
+            occurred_at=epoch(refund.get("created_at")) or time.time(),
             order=OrderRef(ref=_required_id(refund, "order_id")),
         )
     ]
@@ -278,13 +269,13 @@ _CONSENT_ACTIONS = {"subscribed": "opt_in", "unsubscribed": "opt_out"}
 
 
 def _customers(topic: str, customer: dict[str, Any], shop: _Shop) -> list[Event]:
-    consent = _dict(customer.get("sms_marketing_consent"))
+    consent = as_dict(customer.get("sms_marketing_consent"))
     action = _CONSENT_ACTIONS.get(str(consent.get("state") or "").lower())
     if action is None:  # not_subscribed, pending, redacted or absent: nothing to record
         return []
     cid = _required_id(customer, "id")
     updated = consent.get("consent_updated_at")
-    country = _country(_dict(customer.get("default_address")).get("country_code"))
+    country = _country(as_dict(customer.get("default_address")).get("country_code"))
     evidence = {
         "platform": "shopify",
         "topic": topic,
@@ -300,7 +291,7 @@ def _customers(topic: str, customer: dict[str, Any], shop: _Shop) -> list[Event]
             "customer.consent",
             f"customer:{cid}:consent:{updated or shop.occurrence}",
             Recipient(phone=_text(customer.get("phone")), country=country, customer_id=cid),
-            occurred_at=_epoch(updated) or time.time(),
+            occurred_at=epoch(updated) or time.time(),
             consent=Consent("marketing", action, evidence),
         )
     ]
@@ -315,14 +306,14 @@ def _privacy(topic: str, payload: dict[str, Any], shop: _Shop) -> list[Event]:
     if topic == "shop/redact":
         key = f"shop:redact:{shop.occurrence}"
         return [Event(shop.source, "privacy.redact", key, data={"scope": "source"})]
-    customer = _dict(payload.get("customer"))
+    customer = as_dict(payload.get("customer"))
     cid = _id(customer.get("id")) or "unknown"
     recipient = Recipient(phone=_text(customer.get("phone")), customer_id=cid)
     if topic == "customers/redact":
         refs = [r for r in map(_id, payload.get("orders_to_redact") or []) if r]
         key = f"customer:{cid}:redact:{shop.occurrence}"
         return [Event(shop.source, "privacy.redact", key, recipient, {"order_refs": refs})]
-    request_id = _id(_dict(payload.get("data_request")).get("id")) or shop.occurrence
+    request_id = _id(as_dict(payload.get("data_request")).get("id")) or shop.occurrence
     key = f"customer:{cid}:data_request:{request_id}"
     return [Event(shop.source, "privacy.data_request", key, recipient)]
 
@@ -348,9 +339,12 @@ _HANDLERS: dict[str, Callable[[str, dict[str, Any], _Shop], list[Event]]] = {
 
 def order_recipient(order: dict[str, Any], default_locale: str | None = None) -> Recipient:
     """The first number given, in this order, read with its own address's country."""
-    shipping, billing = _dict(order.get("shipping_address")), _dict(order.get("billing_address"))
-    customer = _dict(order.get("customer"))
-    home = _dict(customer.get("default_address"))
+    shipping, billing = (
+        as_dict(order.get("shipping_address")),
+        as_dict(order.get("billing_address")),
+    )
+    customer = as_dict(order.get("customer"))
+    home = as_dict(customer.get("default_address"))
     candidates = (
         (order.get("phone"), shipping or billing),  # the checkout contact number
         (shipping.get("phone"), shipping),
@@ -379,9 +373,9 @@ def _unusable_phone(recipient: Recipient, region: str) -> str | None:
 
 def _customer_data(order: dict[str, Any]) -> dict[str, str]:
     for person in (
-        _dict(order.get("customer")),
-        _dict(order.get("shipping_address")),
-        _dict(order.get("billing_address")),
+        as_dict(order.get("customer")),
+        as_dict(order.get("shipping_address")),
+        as_dict(order.get("billing_address")),
     ):
         first, last = _text(person.get("first_name")), _text(person.get("last_name"))
         if first or last:
@@ -391,7 +385,7 @@ def _customer_data(order: dict[str, Any]) -> dict[str, str]:
 
 def _order_data(order: dict[str, Any], locale: str | None) -> dict[str, Any]:
     # What the buyer paid, in the buyer's currency (presentment), when the payload says so.
-    paid = _dict(_dict(order.get("total_price_set")).get("presentment_money"))
+    paid = as_dict(as_dict(order.get("total_price_set")).get("presentment_money"))
     amount, currency = paid.get("amount"), paid.get("currency_code")
     if not (amount and currency):
         amount, currency = order.get("total_price"), order.get("currency")
@@ -457,22 +451,8 @@ def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _epoch(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _country(value: Any) -> str | None:
@@ -482,7 +462,7 @@ def _country(value: Any) -> str | None:
 
 def _locale(value: Any) -> str | None:
     text = _text(value)
-    return text if text and re.fullmatch(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*", text) else None
+    return text if text and LOCALE.fullmatch(text) else None
 
 
 # --- txsms install shopify: the GraphQL Admin API ---------------------------------------------
@@ -538,7 +518,7 @@ class AdminAPI:
         if r.status_code != 200 or body.get("errors") or not isinstance(body.get("data"), dict):
             errors = body.get("errors") or r.text[:300]
             if isinstance(errors, list):
-                errors = "; ".join(str(_dict(e).get("message", e)) for e in errors)
+                errors = "; ".join(str(as_dict(e).get("message", e)) for e in errors)
             raise click.ClickException(f"Shopify Admin API answered {r.status_code}: {errors}")
         return body["data"]
 
@@ -591,8 +571,8 @@ def plan(existing: list[dict[str, Any]], address: str, uninstall: bool = False) 
 @config_option
 @click.option("--shop", "domain", help="Which [[shopify.shops]] entry (needed if several).")
 @click.option("--address", help="Public URL of /webhooks/shopify (default: server.public_url).")
-@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
-@click.option("--uninstall", is_flag=True, help="Delete this receiver's subscriptions instead.")
+@common.dry_run_option
+@common.uninstall_option
 def install_command(
     config_path: str | None, domain: str | None, address: str | None, dry_run: bool, uninstall: bool
 ) -> None:
@@ -657,17 +637,9 @@ def _enable(config_path: str | None, source: str) -> None:
 
 
 def _pick_shop(config: Config, domain: str | None) -> dict[str, Any]:
-    shops = config.shopify.get("shops", [])
-    if domain:
-        for shop in shops:
-            if shop["domain"] == domain.strip().lower():
-                return shop
-        raise click.UsageError(f"{domain} is not one of the [[shopify.shops]] in {config.path}")
-    if len(shops) == 1:
-        return shops[0]
-    if not shops:
-        raise click.UsageError(f"{config.path} has no [[shopify.shops]]; see the README")
-    raise click.UsageError("several shops are configured: pass --shop DOMAIN")
+    return common.pick_account(
+        config, "shopify.shops", domain, field="domain", key=shop_key, option="--shop DOMAIN"
+    )
 
 
 # --- txsms simulate shopify: a signed sample delivery -------------------------------------------
@@ -783,22 +755,14 @@ def simulate_command(
     if topic in _DESTRUCTIVE and not yes:
         click.confirm(f"{topic} erases or disables data of {shop['domain']}. Continue?", abort=True)
     if url is None:
-        host = (
-            config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        )
-        url = f"http://{host}:{config.server.port}/webhooks/shopify"
+        url = common.local_url(config, "shopify")
     order_id = order_id or _fresh_id()
     body = json.dumps(
         sample_payload(topic, shop["domain"], phone=phone, order_id=order_id, status=status)
     ).encode()
     headers = delivery_headers(topic, shop["domain"], shop["secret"][0], body)
     click.echo(f"POST {url}  {topic}  event {headers['X-Shopify-Event-Id']}")
-    try:
-        answer = requests.post(url, data=body, headers=headers, timeout=10)
-    except requests.RequestException as exc:
-        raise click.ClickException(
-            f"no answer from {url} (is `txsms serve` running?): {exc}"
-        ) from None
+    answer = common.post_delivery(url, body, headers, timeout=10)
     try:
         text = json.dumps(answer.json(), indent=2)
     except ValueError:

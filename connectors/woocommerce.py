@@ -10,9 +10,6 @@ into one message, and its per-order context drops deliveries older than one alre
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import html
 import ipaddress
 import json
@@ -32,8 +29,9 @@ import click
 import requests
 from sqlalchemy import select
 
+from txsms.connectors import common
+from txsms.connectors.base import LOCALE, Delivery, as_dict, epoch, hmac_b64
 from txsms.connectors.base import Connector as _Base
-from txsms.connectors.base import Delivery
 from txsms.core.cliutil import config_option, load, open_runtime
 from txsms.core.config import Config
 from txsms.core.errors import PayloadError, SignatureError
@@ -129,15 +127,10 @@ def stores(config: Config) -> list[Store]:
 
 def find_store(config: Config, url: str | None) -> Store:
     """The store named by --store, or the only one configured."""
-    known = stores(config)
-    if url is None and len(known) == 1:
-        return known[0]
-    if url is None:
-        raise click.UsageError("say which store with --store URL ([[woocommerce.stores]] url)")
-    for store in known:
-        if store_key(store.url) == store_key(url):
-            return store
-    raise click.UsageError(f"{url} is not a [[woocommerce.stores]] url in the config")
+    entry = common.pick_account(
+        config, "woocommerce.stores", url, field="url", key=store_key, option="--store URL"
+    )
+    return Store.from_config(entry, config)
 
 
 # -- signatures --------------------------------------------------------------------------------
@@ -173,8 +166,7 @@ def wp_specialchars_decode(text: str) -> str:
 
 def sign(body: bytes, secret: str) -> str:
     """X-WC-Webhook-Signature: base64 of the raw HMAC-SHA256 of the exact body bytes."""
-    key = wp_specialchars_decode(secret).encode("utf-8")
-    return base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode("ascii")
+    return hmac_b64(wp_specialchars_decode(secret).encode("utf-8"), body)
 
 
 def wp_json(payload: Any) -> bytes:
@@ -191,6 +183,8 @@ _PING = re.compile(rb"webhook_id=\d+")
 
 class Connector(_Base):
     name = "woocommerce"
+    header_prefixes = ("X-WC-Webhook-",)
+    signature_header = "Signature"
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -198,23 +192,17 @@ class Connector(_Base):
         self.by_source = {s.source: s for s in self.stores.values()}
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> Delivery | None:
-        h = {k.lower(): v for k, v in headers.items()}  # proxies may lower-case names
-        if not any(k.startswith("x-wc-webhook-") for k in h) and _PING.fullmatch(body.strip()):
+        h = self.headers(headers)
+        if not h.any_platform_header and _PING.fullmatch(body.strip()):
             return None  # the creation ping: unsigned, and it must get exactly 200
-        store = self.stores.get(store_key(h.get("x-wc-webhook-source") or ""))
+        store = self.stores.get(store_key(h["Source"]))
         if store is None:
             raise SignatureError("unknown or missing X-WC-Webhook-Source")
-        given = (h.get("x-wc-webhook-signature") or "").strip().encode()
-        if not given:
-            raise SignatureError("missing X-WC-Webhook-Signature")
-        # compare_digest on bytes: constant time, and no TypeError on a non-ASCII header.
-        if not any(hmac.compare_digest(sign(body, s).encode(), given) for s in store.secrets):
-            raise SignatureError(f"signature does not match the secret of {store.url}")
-        if h.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        expected = (sign(body, s) for s in store.secrets)
+        self.check_signature(h, expected, f"signature does not match the secret of {store.url}")
+        if h.mime != "application/json":
             raise PayloadError("expected Content-Type: application/json")
-        topic = (h.get("x-wc-webhook-topic") or "").strip().lower()
-        if not topic:
-            raise PayloadError("missing X-WC-Webhook-Topic")
+        topic = self.topic(h)
         # X-WC-Webhook-Delivery-ID is wp_hash(id . time()): equal within one second, so it is
         # no dedupe key. The event keys are.
         return Delivery(store.source, topic, None, {"url": store.url})
@@ -244,9 +232,9 @@ def translate(store: Store, order: Mapping[str, Any]) -> list[Event]:
     status = order.get("status")
     if not isinstance(status, str):
         raise PayloadError("order without a status")
-    modified = _gmt(order.get("date_modified_gmt"))
+    modified = epoch(order.get("date_modified_gmt"))
     ref = OrderRef(ref=str(order_id), status=status, modified_at=modified)
-    common = dict(
+    fields = dict(
         source=store.source,
         recipient=_recipient(store, order),
         order=ref,
@@ -260,7 +248,7 @@ def translate(store: Store, order: Mapping[str, Any]) -> list[Event]:
         # once the order is cancelled or refunded; the status's own message goes on.
         cancel = {"kinds": list(ENDED_CANCELS), "reason": f"order_{status}"}
         key = f"order:{order_id}:cancel:{status}"
-        out.append(Event(kind="messages.cancel", key=key, data=cancel, **common))
+        out.append(Event(kind="messages.cancel", key=key, data=cancel, **fields))
     tracking = [] if status in NOT_SHIPPING or not store.tracking_event else _tracking(order)
     kind = store.status_events.get(status, "")
     if kind:
@@ -272,27 +260,12 @@ def translate(store: Store, order: Mapping[str, Any]) -> list[Event]:
             status_data = {**status_data, "refund": {"amount": _refunded(order)}}
         key = f"order:{order_id}:status:{status}"[:300]
         skip = "covered_by_tracking" if covered else None
-        out.append(Event(kind=kind, key=key, data=status_data, skip=skip, **common))
+        out.append(Event(kind=kind, key=key, data=status_data, skip=skip, **fields))
     for shipment in tracking:
         key = f"order:{order_id}:tracking:{shipment['tracking_number']}"[:300]
         event_data = {**data, "shipment": shipment}
-        out.append(Event(kind=store.tracking_event, key=key, data=event_data, **common))
+        out.append(Event(kind=store.tracking_event, key=key, data=event_data, **fields))
     return out
-
-
-def _gmt(value: Any) -> float | None:
-    """`date_modified_gmt` ("2017-03-22T19:28:08", UTC without an offset) as epoch seconds."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _meta(order: Mapping[str, Any], key: str) -> Any:
@@ -303,7 +276,7 @@ def _meta(order: Mapping[str, Any], key: str) -> Any:
 
 
 def _recipient(store: Store, order: Mapping[str, Any]) -> Recipient:
-    billing, shipping = _dict(order.get("billing")), _dict(order.get("shipping"))
+    billing, shipping = as_dict(order.get("billing")), as_dict(order.get("shipping"))
     # Phones are free text ("(555) 555-5555"); the address's country is the dialling hint.
     if str(billing.get("phone") or "").strip():
         phone, country = str(billing["phone"]), billing.get("country") or shipping.get("country")
@@ -326,15 +299,15 @@ def _recipient(store: Store, order: Mapping[str, Any]) -> Recipient:
 def _locale(order: Mapping[str, Any]) -> str | None:
     for key in ("wpml_language", "locale"):
         value = _meta(order, key)
-        if isinstance(value, str) and re.fullmatch(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*", value):
+        if isinstance(value, str) and LOCALE.fullmatch(value):
             return value.replace("_", "-")
     return None
 
 
 def _data(store: Store, order: Mapping[str, Any]) -> dict[str, Any]:
-    person = _dict(order.get("billing"))
+    person = as_dict(order.get("billing"))
     if not (person.get("first_name") or person.get("last_name")):
-        person = _dict(order.get("shipping"))
+        person = as_dict(order.get("shipping"))
     first = str(person.get("first_name") or "").strip()
     items = [
         # REST v3 sends product names HTML-encoded ("Ship Your Idea &ndash; Color: Black").
@@ -477,7 +450,7 @@ def reconcile(runtime: Runtime, store: Store, *, since: datetime | None = None) 
         "modified_after": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "dates_are_gmt": "true",
     }
-    newest = _gmt(saved) if saved else None
+    newest = epoch(saved) if saved else None
     for order in Rest(store).pages("/orders", params):
         result.orders += 1
         try:
@@ -488,7 +461,7 @@ def reconcile(runtime: Runtime, store: Store, *, since: datetime | None = None) 
         for r in ingest(runtime, batch) or []:
             result.accepted += r.status == "accepted"
             result.queued += sum(d.status in ("pending", "deferred") for d in r.messages)
-        modified = _gmt(order.get("date_modified_gmt"))
+        modified = epoch(order.get("date_modified_gmt"))
         newest = max(filter(None, (newest, modified)), default=None)
     if newest is not None:  # the store's own clock, so our clock's skew does not matter
         result.cursor = datetime.fromtimestamp(newest, UTC)
@@ -591,8 +564,8 @@ def address_warnings(address: str) -> list[str]:
 @config_option
 @click.option("--store", "store_url", help="The store's url from the config.")
 @click.option("--address", help="This receiver's public URL (default: server.public_url).")
-@click.option("--dry-run", is_flag=True, help="Show what would change, change nothing.")
-@click.option("--uninstall", is_flag=True, help="Delete this receiver's webhooks.")
+@common.dry_run_option
+@common.uninstall_option
 def install_command(
     config_path: str | None,
     store_url: str | None,
@@ -704,8 +677,7 @@ def simulate_command(
     """Post a signed delivery (order.created, order.updated, order.deleted, action.*, ping)."""
     config = load(config_path)
     store = find_store(config, store_url)
-    host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = url or f"http://{host}:{config.server.port}/webhooks/woocommerce"
+    url = url or common.local_url(config, "woocommerce")
     # A random high id: a simulated order must never consume a real order's status keys.
     order_id = order_id or secrets.randbelow(10**8) + 9 * 10**8
     if topic == "ping":  # as WordPress sends it: a form body, no X-WC headers, no signature
@@ -732,10 +704,7 @@ def simulate_command(
             "X-WC-Webhook-Delivery-ID": secrets.token_hex(16),
         }
     headers["User-Agent"] = "WooCommerce/txsms-simulate Hookshot"
-    try:
-        resp = requests.post(url, data=body, headers=headers, timeout=30)
-    except requests.RequestException as exc:
-        raise click.ClickException(f"POST {url}: {exc} (is `txsms serve` running?)") from None
+    resp = common.post_delivery(url, body, headers, timeout=30)
     click.echo(f"order {order_id}: HTTP {resp.status_code} {resp.text.strip()}")
     if resp.status_code != 200:
         raise SystemExit(1)

@@ -34,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_config(path: Path, config: dict, arrays: dict[str, list[dict]] | None = None) -> Path:
+    """`config` as TOML, then `arrays` as arrays of tables, which to_toml does not write:
+    {"shopify.shops": [shop, ...]} gives one [[shopify.shops]] table per shop."""
+    text = to_toml(config)
+    for name, tables in (arrays or {}).items():
+        text += "".join(to_toml({"_": t}).replace("[_]\n", f"[[{name}]]\n", 1) for t in tables)
+    path.write_text(text)
+    return path
+
+
 class Server:
     """A `txsms serve` child process with its output in files."""
 
@@ -44,14 +54,14 @@ class Server:
         *,
         path: Path | None = None,
         env: dict | None = None,
+        arrays: dict[str, list[dict]] | None = None,
     ):
         self.tmp_path = tmp_path
         self.port = free_port()
         if path is None:
             config = config or {}
             config.setdefault("server", {}).update(port=self.port, host="127.0.0.1")
-            path = tmp_path / "txsms.toml"
-            path.write_text(to_toml(config))
+            path = write_config(tmp_path / "txsms.toml", config, arrays)
         self.path = path
         self.env = {**os.environ, "TXSMS_PORT": str(self.port), **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"

@@ -23,11 +23,15 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import INDEX_KEY, KEY, to_toml, twilio_section
+from conftest import twilio_section
 from fakes import wait_until
 from fakes.shopify_admin import TOKEN, FakeShopifyAdmin
 from sqlalchemy import select
-from test_serve import Server, base_config
+
+# Fixtures are imported "as" themselves (a re-export) so that pytest finds them here.
+from test_cli import _restore_logging as _restore_logging  # autouse, for CliRunner runs
+from test_serve import Server, base_config, write_config
+from test_serve import server_factory as server_factory
 from webhook_battery import WebhookBattery
 
 from txsms.connectors import shopify
@@ -711,23 +715,6 @@ class TestShopifyWebhookSecurity(WebhookBattery):
 ADDRESS = "https://sms.example.com/webhooks/shopify"
 
 
-@pytest.fixture(autouse=False)
-def _restore_logging():
-    """`txsms` installs its own root handler on the runner's (then closed) stderr: undo it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def shops_toml(shops: list[dict[str, Any]], **shopify_section: Any) -> str:
-    lines = ["[shopify]", *(f"{k} = {json.dumps(v)}" for k, v in shopify_section.items()), ""]
-    for shop in shops:
-        lines += ["[[shopify.shops]]", *(f"{k} = {json.dumps(v)}" for k, v in shop.items()), ""]
-    return "\n".join(lines)
-
-
 @pytest.fixture
 def admin():
     with FakeShopifyAdmin() as fake:
@@ -735,20 +722,15 @@ def admin():
 
 
 @pytest.fixture
-def install(tmp_path, admin, _restore_logging):
+def install(tmp_path, admin):
     """Run `txsms install shopify ...`; returns (exit code, output)."""
-    config = {
-        "server": {"public_url": "https://sms.example.com"},
-        "storage": {"url": f"sqlite:///{tmp_path / 'txsms.db'}", "data_dir": str(tmp_path)},
-        "security": {"keys": [KEY], "index_key": INDEX_KEY},
-    }
     path = tmp_path / "txsms.toml"
 
     def run(*args: str, shop: dict | None = None, **shopify_section: Any) -> tuple[int, str]:
         entry = {"domain": DOMAIN, "secret": SECRET, "access_token": TOKEN, "admin_url": admin.url}
-        path.write_text(
-            to_toml(config) + shops_toml([{**entry, **(shop or {})}], **shopify_section)
-        )
+        public = {"public_url": "https://sms.example.com"}
+        config = base_config(tmp_path, server=public, shopify=shopify_section)
+        write_config(path, config, {"shopify.shops": [{**entry, **(shop or {})}]})
         result = CliRunner().invoke(cli, ["install", "shopify", *args, "--config", str(path)])
         return result.exit_code, result.output
 
@@ -856,22 +838,15 @@ def test_install_needs_an_address_and_a_token(install, tmp_path):
 
 
 @pytest.fixture
-def serve(tmp_path, fake_twilio):
+def serve(tmp_path, fake_twilio, server_factory):
     """Start `txsms serve` with one shop and the fake Twilio; killed afterwards."""
-    made: list[Server] = []
 
     def start(**shop: Any) -> Server:
-        server = Server(tmp_path, base_config(tmp_path, provider=twilio_section(fake_twilio)))
+        config = base_config(tmp_path, provider=twilio_section(fake_twilio))
         entry = {"domain": DOMAIN, "secret": [SECRET], "name": "Demo Shop", **shop}
-        server.path.write_text(server.path.read_text() + "\n" + shops_toml([entry]))
-        made.append(server)
-        return server.start()
+        return server_factory(tmp_path, config, arrays={"shopify.shops": [entry]}).start()
 
-    yield start
-    for server in made:
-        if server.proc and server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    return start
 
 
 def deliver(server: Server, topic: str, body: bytes, **kw: Any) -> requests.Response:

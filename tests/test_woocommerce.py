@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
-from conftest import INDEX_KEY, KEY, make_config, to_toml, twilio_section
+from conftest import make_config, twilio_section
 from fakes import wait_until
 from fakes.woocommerce import CONSUMER_KEY, CONSUMER_SECRET, FakeWooCommerce, gmt, php_json
 from sqlalchemy import select
+
+# Fixtures are imported "as" themselves (a re-export) so that pytest finds them here.
+from test_cli import _restore_logging as _restore_logging  # autouse, for CliRunner runs
+from test_serve import base_config, write_config
+from test_serve import server_factory as server_factory
 from webhook_battery import WebhookBattery, stored
 
 from txsms.connectors import woocommerce as wc
@@ -36,16 +41,6 @@ SECRET = "wc-secret-0123456789abcdef"
 OLD_SECRET = "wc-old-secret-fedcba987654"
 PHONE = "(415) 555-0100"
 PATH = "/webhooks/woocommerce"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """`txsms` installs its own root handler on CliRunner's (then closed) stderr: undo it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def fixture(name: str) -> bytes:
@@ -491,14 +486,14 @@ def test_first_reconciliation_looks_back_24_hours_unless_told(runtime_factory, s
 
 
 def test_reconcile_command_and_a_rest_error(tmp_path, shop):
-    path = write_config(tmp_path, keyed(shop))
+    path = write_stores(tmp_path, keyed(shop))
     shop.save_order(order(4, "on-hold"))
     out = run(path, "reconcile", "woocommerce").output
     assert f"{shop.url}: 1 order(s) modified since" in out and "first run: looked back" in out
     assert "1 message(s) queued" in out
     out = run(path, "reconcile", "woocommerce", "--store", shop.url).output
     assert "0 new event(s)" in out and "first run" not in out
-    path = write_config(tmp_path, keyed(shop, consumer_secret="cs_wrong"))
+    path = write_stores(tmp_path, keyed(shop, consumer_secret="cs_wrong"))
     result = run(path, "reconcile", "woocommerce", "--since", "2020-01-01T00:00:00", code=1)
     assert "HTTP 401 woocommerce_rest_cannot_view" in result.output
 
@@ -530,21 +525,9 @@ def test_config_checks(tmp_path):
 # -- install ---------------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, *stores: dict[str, Any], **extra: dict[str, Any]) -> Path:
-    data = {
-        "storage": {"url": f"sqlite:///{tmp_path / 'txsms.db'}", "data_dir": str(tmp_path)},
-        "security": {"keys": [KEY], "index_key": INDEX_KEY},
-        "sender": {"name": "Test Shop"},
-        **extra,
-    }
-    text = to_toml(data) + "".join(store_toml(s) for s in stores)
-    path = tmp_path / "txsms.toml"
-    path.write_text(text)
-    return path
-
-
-def store_toml(store: dict[str, Any]) -> str:
-    return to_toml({"S": store}).replace("[S]", "[[woocommerce.stores]]")
+def write_stores(tmp_path: Path, *stores: dict[str, Any]) -> Path:
+    arrays = {"woocommerce.stores": list(stores)}
+    return write_config(tmp_path / "txsms.toml", base_config(tmp_path), arrays)
 
 
 def run(path: Path, *args: str, code: int = 0):
@@ -554,7 +537,7 @@ def run(path: Path, *args: str, code: int = 0):
 
 
 def test_install_is_idempotent_and_fixes_what_is_wrong(tmp_path, shop):
-    path = write_config(tmp_path, keyed(shop))
+    path = write_stores(tmp_path, keyed(shop))
     address = "https://sms.example.com"
     out = run(path, "install", "woocommerce", "--address", address, "--dry-run").output
     assert "created (dry run)" in out and shop.webhooks == {}
@@ -595,7 +578,7 @@ def test_install_is_idempotent_and_fixes_what_is_wrong(tmp_path, shop):
     ],
 )
 def test_install_warns_about_addresses_wordpress_refuses(tmp_path, shop, address, warning):
-    path = write_config(tmp_path, keyed(shop))
+    path = write_stores(tmp_path, keyed(shop))
     result = run(path, "install", "woocommerce", "--address", address, "--dry-run")
     if warning:
         assert warning in result.output
@@ -604,10 +587,10 @@ def test_install_warns_about_addresses_wordpress_refuses(tmp_path, shop, address
 
 
 def test_install_without_keys_or_with_wrong_ones_exits_non_zero(tmp_path, shop):
-    path = write_config(tmp_path, store_entry(shop.url))
+    path = write_stores(tmp_path, store_entry(shop.url))
     result = run(path, "install", "woocommerce", "--address", "https://a.example", code=1)
     assert "consumer_key and consumer_secret are needed" in result.output
-    path = write_config(tmp_path, keyed(shop, consumer_key="ck_wrong"))
+    path = write_stores(tmp_path, keyed(shop, consumer_key="ck_wrong"))
     result = run(path, "install", "woocommerce", "--address", "https://a.example", code=1)
     assert "HTTP 401 woocommerce_rest_cannot_view" in result.output
 
@@ -616,24 +599,9 @@ def test_install_without_keys_or_with_wrong_ones_exits_non_zero(tmp_path, shop):
 
 
 @pytest.mark.slow
-def test_a_store_end_to_end(tmp_path, fake_twilio, shop):
-    from test_serve import Server, base_config
-
-    server = Server(tmp_path, path=tmp_path / "txsms.toml")
+def test_a_store_end_to_end(tmp_path, fake_twilio, shop, server_factory):
     config = base_config(tmp_path, provider=twilio_section(fake_twilio))
-    config["server"] = {"host": "127.0.0.1", "port": server.port}
-    server.path.write_text(to_toml(config) + store_toml(keyed(shop)))
-    try:
-        store_end_to_end(server, fake_twilio, shop)
-    finally:
-        if server.proc and server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def store_end_to_end(server, fake_twilio, shop) -> None:
-    import requests
-
+    server = server_factory(tmp_path, config, arrays={"woocommerce.stores": [keyed(shop)]})
     server.start()
     # install registers both topics pointing at the receiver, and says why a real
     # WordPress would refuse this address.
