@@ -12,6 +12,7 @@ from types import ModuleType
 REGISTRY: dict[str, str] = {
     "shopify": "txsms.connectors.shopify",
     "woocommerce": "txsms.connectors.woocommerce",
+    "crm": "txsms.connectors.crm",
 }
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from txsms.core import consent as consent_mod
 from txsms.core import privacy, storage
 from txsms.core.cliutil import config_option, iso, load, open_runtime, parse_phone
+from txsms.core.config import Config
 from txsms.core.crypto import DecryptionError
 from txsms.core.errors import ConfigError, TemplateError
 from txsms.core.events import CATEGORIES, EVENT_KINDS, Event, Recipient
@@ -133,12 +134,27 @@ def check_config(config_path: str | None) -> None:
         rows = TemplateSet(config.templates, config.sender).check()
     except TemplateError as exc:
         raise click.ClickException(f"{config.path}: {exc}") from None
+    crm_lines = _check_crm(config)
     click.echo(f"{config.path}: configuration is valid")
-    click.echo(f"{'template':<24} {'locale':<8} {'encoding':<8} {'segments':>8}")
+    click.echo(f"{'template':<34} {'locale':<8} {'encoding':<8} {'segments':>8}")
     for row in rows:
-        click.echo(f"{row.key:<24} {row.locale or '-':<8} {row.encoding:<8} {row.segments:>8}")
+        click.echo(f"{row.key:<34} {row.locale or '-':<8} {row.encoding:<8} {row.segments:>8}")
+    for line in crm_lines:
+        click.echo(line)
     if not config.security.keys:
         click.echo("warning: security.keys is empty: a development key will be generated")
+
+
+def _check_crm(config: Config) -> list[str]:
+    """Run each CRM source's mapping over its sample record; the events it would produce."""
+    if not config.crm:
+        return []
+    from txsms.connectors import crm
+
+    try:
+        return crm.check(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.group()

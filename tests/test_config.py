@@ -197,7 +197,7 @@ def test_substitution_uses_os_environ_by_default(monkeypatch):
         ({"sevrer": {}}, "sevrer", "unknown section (did you mean 'server'?)"),
         ({"provider": {"kind": "twillio"}}, "provider.kind", "did you mean 'twilio'?"),
         ({"provider": {"kind": "sinch"}}, "provider.kind", "unknown provider kind 'sinch'"),
-        ({"provider": {"kind": "vonage"}}, "provider.api_key", "required when kind = \"vonage\""),
+        ({"provider": {"kind": "vonage"}}, "provider.api_key", 'required when kind = "vonage"'),
         (
             {"templates": {"order.creatd": {"body": "x"}}},
             "templates.order.creatd",
@@ -267,7 +267,12 @@ def test_substitution_uses_os_environ_by_default(monkeypatch):
         ({"crm": [{"name": "Big CRM", "kind": "http"}]}, "crm.0.name", "a-z"),
         ({"crm": [{"name": "c", "kind": "salesforce"}]}, "crm.0.kind", "unknown CRM kind"),
         (
-            {"crm": [{"name": "c", "kind": "http"}, {"name": "c", "kind": "hubspot"}]},
+            {
+                "crm": [
+                    {"name": "c", "kind": "http", "url": "https://crm.example"},
+                    {"name": "c", "kind": "hubspot", "token": "pat-1"},
+                ]
+            },
             "crm.1.name",
             "duplicate name",
         ),
