@@ -19,10 +19,12 @@ from sqlalchemy import Connection, select
 
 from txsms.core.storage import insert_ignore, rate_limits
 
-# Requests are spaced a little wider than 1/rate: the time between taking a slot and the
-# request reaching the provider varies by a few milliseconds, and that jitter must not add
-# up to one request too many in some second.
-JITTER_MARGIN = 1.05
+# Requests are spaced 10% wider than 1/rate: the time between taking a slot and the request
+# reaching the provider varies (a commit, a busy CPU), and that jitter must not add up to one
+# request too many in some second. With 10%, up to ~100 ms of jitter cannot.
+JITTER_MARGIN = 1.1
+#: A request that could not leave within this long after its slot takes a new one.
+MAX_LATE_SECONDS = 0.05
 
 Begin = Callable[[], AbstractContextManager[Connection]]
 
@@ -44,23 +46,28 @@ class RateLimiter:
         with begin() as conn:
             insert_ignore(conn, rate_limits, {"name": name, "next_at": 0.0}, ["name"])
 
-    def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Block until this caller may start a request; False if `stop` was set meanwhile."""
+    def acquire(self, stop: threading.Event | None = None) -> float | None:
+        """Block until this caller may start a request; the slot's time, or None if `stop`
+        was set meanwhile. A caller that is late for its slot (see `late`) takes another."""
         while True:
             with self._lock:
                 slot = self._slots.popleft() if self._slots else self._take()
             if slot is not None:
                 wait = slot - time.time()
                 if wait <= 0:
-                    return True
+                    return slot
             else:
                 wait = max(0.0005, self._next_at() - time.time())
             if stop is not None and stop.wait(wait):
-                return False
+                return None
             if stop is None:
                 time.sleep(wait)
             if slot is not None:
-                return True
+                return slot
+
+    @staticmethod
+    def late(slot: float) -> bool:
+        return time.time() - slot > MAX_LATE_SECONDS
 
     def _take(self) -> float | None:
         """Take the next `chunk` slots if the first is due now; the first slot's time."""

@@ -124,7 +124,8 @@ class Worker:
         waiting: tuple | None = None  # a sent message whose result is not recorded yet
         try:
             for row, prepared in ready:
-                if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
+                slot = None if self.stop_event.is_set() else self.limiter.acquire(self.stop_event)
+                if slot is None:
                     break  # unsent claims go back when their lease ends
                 # One durable transaction records the previous result and marks this message
                 # in flight: a crash after it can never resend this message blindly.
@@ -134,6 +135,8 @@ class Worker:
                 if not owned:  # our lease ran out and another worker took the message over
                     log.warning("message %s: claim lost before sending; left to its owner", row.id)
                     continue
+                while self.limiter.late(slot):  # the commit took long: starting now could
+                    slot = self.limiter.acquire()  # crowd the next slot, so take a fresh one
                 waiting = (row, prepared, self._send(prepared.message))
         finally:
             if waiting is not None:

@@ -40,9 +40,8 @@ class PlivoProvider(HttpProvider):
 
     def __init__(self, config: ProviderConfig, *, public_url: str | None = None):
         super().__init__(config, public_url=public_url)
-        self.messages_url = (
-            f"{self.base_url}/v1/Account/{config.auth_id}/Message/"  # the slash matters
-        )
+        # The trailing slash matters.
+        self.messages_url = f"{self.base_url}/v1/Account/{config.auth_id}/Message/"
         self.session.auth = (config.auth_id, config.auth_token)
 
     def build_request(self, message: OutgoingMessage) -> tuple[str, dict]:
