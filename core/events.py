@@ -85,6 +85,9 @@ class Event:
     consent: Consent | None = None
     send_at: float | None = None
     order: OrderRef | None = None
+    # After this time the message is pointless (a reminder for an appointment that has
+    # started): skipped as `expired` instead of sent late, e.g. when quiet hours push it.
+    expires_at: float | None = None
     # A connector that knows the event must not send says why (e.g. "test_order"); the
     # pipeline records the skip like any other decision.
     skip: str | None = None

@@ -485,6 +485,7 @@ def _decide(
         "urgent": template.urgent,
         "attempts": 0,
         "send_at": now,
+        "expires_at": event.expires_at,
         "created_at": now,
         "updated_at": now,
     }
@@ -554,6 +555,8 @@ def _decide(
     send_at = max(now, event.send_at or now)
     zones = list(phone.zones) or [event.recipient.timezone or runtime.default_zone]
     later = None if template.urgent else quiet_until(send_at, zones, config.policy.quiet_hours)
+    if event.expires_at is not None and (later or send_at) > event.expires_at:
+        return decide("skipped", "expired")
     if later is not None:
         return decide("deferred", "quiet_hours", send_at=later)
     if send_at > now:

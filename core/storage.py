@@ -71,6 +71,7 @@ messages = Table(
     Column("segments", Integer),
     Column("attempts", Integer, nullable=False, default=0),
     Column("send_at", Float, nullable=False),
+    Column("expires_at", Float),  # not sent after this (see Event.expires_at)
     Column("lease_until", Float),
     Column("claimed_by", String(64)),
     # Set and committed just before the provider request: after a crash it tells

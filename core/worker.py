@@ -229,6 +229,8 @@ class Worker:
             to, body = vault.decrypt(row.to_enc), vault.decrypt(row.body_enc)
             if reason is None and (to is None or body is None):
                 reason = "erased"  # erased while queued
+            if reason is None and row.expires_at is not None and time.time() > row.expires_at:
+                reason = "expired"  # e.g. retries ran past the appointment
             if reason:
                 self._finish(
                     conn,

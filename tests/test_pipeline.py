@@ -338,3 +338,18 @@ def test_privacy_requests_keep_no_payload_and_export_by_order(runtime, tmp_path)
     assert stored.payload_enc is None
     [export] = (tmp_path / "data" / "exports").iterdir()
     assert '"o57"' in export.read_text()
+
+
+def test_a_message_that_would_go_after_it_expires_is_skipped(runtime_factory):
+    runtime = runtime_factory(policy={"quiet_hours": "21:00-08:00"})
+    night = (time.time() // 86400 + 2) * 86400 + 5 * 3600  # 05:00 UTC: 01:00 in New York
+    reminder = Event(
+        source="crm:x",
+        kind="appointment.reminder",
+        key="r",
+        send_at=night,
+        expires_at=night + 3600,
+        recipient=Recipient(phone=NY_PHONE),
+    )
+    ingest(runtime, [reminder])  # quiet hours would hold it until 08:00, after the start
+    assert (rows(runtime)[0].status, rows(runtime)[0].reason) == ("skipped", "expired")

@@ -60,6 +60,7 @@ class EventSchema(Schema):
     data = fields.Dict(keys=fields.String(), load_default=dict)
     occurred_at = fields.AwareDateTime(load_default=None, default_timezone=UTC)
     send_at = fields.AwareDateTime(load_default=None, allow_none=True, default_timezone=UTC)
+    expires_at = fields.AwareDateTime(load_default=None, allow_none=True, default_timezone=UTC)
     consent = fields.Nested(ConsentSchema, load_default=None, allow_none=True)
     # Ties the event to an order or appointment: later events without a number are addressed
     # from it, older updates are ignored, and `messages.cancel` cancels what it still has queued.
@@ -116,6 +117,7 @@ def _to_event(item: dict) -> Event:
         if order
         else None,
         send_at=item["send_at"].timestamp() if item.get("send_at") else None,
+        expires_at=item["expires_at"].timestamp() if item.get("expires_at") else None,
         **({"occurred_at": item["occurred_at"].timestamp()} if item.get("occurred_at") else {}),
     )
 

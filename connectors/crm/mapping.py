@@ -266,7 +266,9 @@ class Mapper:
             # moved back) gets new reminders, and a re-read of the same version collides.
             key = self._key(rule, record, f"{offset}s", round(starts), record.modified_ms)
             skip = "reminder_past" if send_at <= now else None
-            events.append(self._event(rule, record, key, send_at=send_at, skip=skip))
+            events.append(
+                self._event(rule, record, key, send_at=send_at, skip=skip, expires_at=starts)
+            )
         return events
 
     def _cancel(self, record: Record, reason: str) -> Event:

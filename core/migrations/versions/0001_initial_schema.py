@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 02:07:10.078899
+Create Date: 2026-11-29 02:51:01.373632
 """
 
 import sqlalchemy as sa
@@ -88,6 +88,7 @@ def upgrade() -> None:
         sa.Column("segments", sa.Integer(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("send_at", sa.Float(), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=True),
         sa.Column("lease_until", sa.Float(), nullable=True),
         sa.Column("claimed_by", sa.String(length=64), nullable=True),
         sa.Column("in_flight", sa.Boolean(), nullable=False),
