@@ -667,8 +667,14 @@ def test_generic_api_with_link_paging_and_basic_auth_loses_nothing(crm_runtime, 
             poller.run_once()
         restarted = crm.make_poller(runtime, runtime.config.crm[0])
         restarted.run_once()
-        time.sleep(1.1)
-        restarted.run_once()
+        # `late` becomes visible after a second: poll until it is in, then once more.
+        wait_until(
+            lambda: (
+                restarted.run_once() is not None
+                and any(":late:" in r.idempotency_key for r in rows(runtime))
+            ),
+            timeout=5,
+        )
         restarted.run_once()
     got = sorted(r.idempotency_key.split("|")[1] for r in rows(runtime))
     assert got == sorted(f"record:{i}:order.paid" for i in ("1", "3", "5", "late"))
@@ -866,7 +872,7 @@ def test_serve_runs_the_enabled_pollers(tmp_path):
         path.write_text(path.read_text() + f"\n[server]\nport = {server.port}\n")
         server.start()
         try:
-            time.sleep(0.2)
+            time.sleep(0.2)  # not a wait: the record must be modified after the armed cursor
             hub.upsert(
                 "2-3444025",
                 status="booked",
