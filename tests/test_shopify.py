@@ -45,7 +45,7 @@ from txsms.core.runtime import Runtime
 from txsms.core.storage import consent_ledger, events, messages, order_context
 from txsms.webhooks import create_app
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "shopify"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "shopify"  # = ../shared/fixtures
 DOMAIN = "demo-shop.myshopify.com"
 SOURCE = f"shopify:{DOMAIN}"
 SECRET = "test_secret_key"  # the secret of the published fixture vectors

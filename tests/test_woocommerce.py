@@ -35,7 +35,7 @@ from txsms.core.storage import cursors, messages
 from txsms.core.worker import Worker
 from txsms.webhooks import create_app
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "woocommerce"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "woocommerce"  # = ../shared/fixtures
 STORE = "https://shop.example"
 SECRET = "wc-secret-0123456789abcdef"
 OLD_SECRET = "wc-old-secret-fedcba987654"
