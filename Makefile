@@ -9,7 +9,7 @@ CONFIG ?= examples/txsms.toml
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "txsms needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=68' wheel
 
 $(VENV)/.run-installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e .
