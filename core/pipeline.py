@@ -61,6 +61,17 @@ class IngestResult:
     id: str
     messages: list[Decision] = field(default_factory=list)
 
+    def as_json(self) -> dict[str, Any]:
+        """What HTTP callers are told about this event."""
+        return {
+            "key": self.key,
+            "status": self.status,
+            "id": self.id,
+            "messages": [
+                {"id": d.id, "status": d.status, "reason": d.reason} for d in self.messages
+            ],
+        }
+
 
 def new_id() -> str:
     return uuid.uuid4().hex

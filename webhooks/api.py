@@ -141,16 +141,4 @@ def post_events():
     except ValidationError as exc:
         return jsonify(errors=_flatten(exc.messages)), 400
     results = ingest(runtime, [_to_event(item) for item in items])
-    return jsonify(
-        events=[
-            {
-                "key": r.key,
-                "status": r.status,
-                "id": r.id,
-                "messages": [
-                    {"id": d.id, "status": d.status, "reason": d.reason} for d in r.messages
-                ],
-            }
-            for r in results
-        ]
-    ), 202
+    return jsonify(events=[r.as_json() for r in results]), 202

@@ -47,17 +47,4 @@ def receive(platform: str):
     results = ingest(current_app.extensions["txsms"], events, delivery=dedupe)
     if results is None:
         return jsonify(status="duplicate delivery"), 200
-    return jsonify(
-        status="ok",
-        topic=delivery.topic,
-        events=[
-            {
-                "key": r.key,
-                "status": r.status,
-                "messages": [
-                    {"id": d.id, "status": d.status, "reason": d.reason} for d in r.messages
-                ],
-            }
-            for r in results
-        ],
-    ), 200
+    return jsonify(status="ok", topic=delivery.topic, events=[r.as_json() for r in results]), 200
