@@ -1,6 +1,7 @@
-"""The baseline: the same waitress, same threads, serving a Flask route that reads the body.
+"""The baseline: the same server as txsms's receiver serving a Flask route that reads the body.
 
-python -m bench.bare_app --port 8081 --threads 8
+python -m bench.bare_app --port 8081 --threads 8      # waitress, as `txsms serve`
+gunicorn -w 2 'bench.bare_app:app'     # as `gunicorn 'txsms.webhooks:create_app()'`
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ app = Flask(__name__)
 
 
 @app.post("/api/v1/events")
+@app.post("/webhooks/shopify")
 def events():
     request.get_data()
     return "", 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import socket
@@ -20,8 +21,10 @@ from cryptography.fernet import Fernet
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 TXSMS = str(Path(sys.executable).with_name("txsms"))
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 API_TOKEN = "bench-api-token-0123456789abcdef"
 KEY = Fernet.generate_key().decode()
+INDEX_KEY = "bench-index-key-0123456789abcdef"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,6 +72,66 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0
         time.sleep(0.05)
 
 
+def wait_log(
+    log: Path, text: str, proc: subprocess.Popen, timeout: float = 60.0, count: int = 1
+) -> list[str]:
+    """Wait until the child's log has `count` lines saying `text` (returned); fail if it exits
+    or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while (
+        len(lines := [x for x in log.read_text(errors="replace").splitlines() if text in x]) < count
+    ):
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{text!r} not logged after {timeout:.0f}s (log: {log})")
+        time.sleep(0.05)
+    return lines
+
+
+GUNICORN_WORKERS = 2
+READY = "bench: worker ready pid="  # logged by bench/gunicorn_conf.py once a worker loaded the app
+
+
+def gunicorn(
+    app: str,
+    log: Path,
+    worker_class: str = "sync",
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, int, tuple[int, ...]]:
+    """`gunicorn -w 2 -k <class>` serving `app` (a WSGI spec such as
+    'txsms.webhooks:create_app()'); returns once both workers have loaded it:
+    (master, port, worker pids)."""
+    port = free_port()
+    cmd = [GUNICORN, "-w", str(GUNICORN_WORKERS), "-k", worker_class, "-b", f"127.0.0.1:{port}"]
+    cmd += ["--no-control-socket"]  # gunicorn 27's default socket path is shared by every run
+    if worker_class == "gthread":
+        cmd += ["--threads", str(threads)]
+    proc = start([*cmd, "-c", "python:bench.gunicorn_conf", app], log, env=env)
+    try:
+        lines = wait_log(log, READY, proc, count=GUNICORN_WORKERS)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port, tuple(int(x.split(READY)[1].split()[0]) for x in lines)
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a running process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def loadavg() -> str:
+    """The 1-minute load average now: recorded beside every measurement."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -99,12 +162,13 @@ def postgres_url() -> tuple[str | None, str]:
         return None, f"unreachable ({type(exc).__name__})"
     finally:
         engine.dispose()
-    return url, f"PostgreSQL {version.split()[0]}"
+    return url, version.split()[0]
 
 
 @contextlib.contextmanager
-def database(kind: str, tmp: Path) -> Iterator[str]:
-    """A fresh, migrated database: a SQLite file, or a PostgreSQL schema dropped afterwards."""
+def database(kind: str, tmp: Path, *, migrate: bool = True) -> Iterator[str]:
+    """A fresh database, migrated unless told not to (`txsms db upgrade` does it then): a SQLite
+    file, or a PostgreSQL schema dropped afterwards."""
     from sqlalchemy import create_engine, text
 
     from txsms.core import storage
@@ -121,15 +185,31 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
             conn.execute(text(f'CREATE SCHEMA "{name}"'))
         url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{name}"
     try:
-        engine = storage.make_engine(StorageConfig(url=url))
-        storage.upgrade(engine)
-        engine.dispose()
+        if migrate:
+            engine = storage.make_engine(StorageConfig(url=url))
+            storage.upgrade(engine)
+            engine.dispose()
         yield url
     finally:
         if admin is not None:
             with admin.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
             admin.dispose()
+
+
+def security_section() -> dict:
+    return {"keys": [KEY], "index_key": INDEX_KEY, "api_tokens": [API_TOKEN]}
+
+
+def toml(sections: dict[str, dict | list[dict]]) -> str:
+    """Enough TOML for a config: JSON scalars and lists of strings are valid TOML values; a
+    list of tables is written as `[[name]]`."""
+    lines = []
+    for name, values in sections.items():
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{name}]]" if isinstance(values, list) else f"[{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -148,4 +228,5 @@ def machine(pg: str) -> dict[str, str]:
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "SQLite": sqlite3.sqlite_version,
         "PostgreSQL": pg,
+        "load average at the start": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }

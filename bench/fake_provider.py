@@ -1,10 +1,11 @@
 """A FakeTwilio in a process of its own, so its CPU does not compete for the sender's GIL.
 
-python -m bench.fake_provider      # prints the URL, serves until stdin closes or SIGTERM
+python -m bench.fake_provider [--delay 0.2]   # prints the URL, serves until stdin closes or SIGTERM
 """
 
 from __future__ import annotations
 
+import argparse
 import selectors
 import signal
 import subprocess
@@ -30,10 +31,14 @@ def provider_section(url: str, **extra) -> dict:
     }
 
 
-def launch(stack: ExitStack, log: Path, timeout: float = 30.0) -> str:
-    """Start the fake as a child (stopped when `stack` closes); its URL once it listens."""
+def launch(stack: ExitStack, log: Path, timeout: float = 30.0, delay: float = 0.0) -> str:
+    """Start the fake as a child (stopped when `stack` closes); its URL once it listens.
+    `delay`: seconds before every answer, as a real provider's API takes."""
     proc = start(
-        [PYTHON, "-m", "bench.fake_provider"], log, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [PYTHON, "-m", "bench.fake_provider", "--delay", str(delay)],
+        log,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     stack.callback(stop, proc)
     with selectors.DefaultSelector() as sel:
@@ -44,8 +49,11 @@ def launch(stack: ExitStack, log: Path, timeout: float = 30.0) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
+    delay = parser.parse_args().delay
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with FakeTwilio(record=False) as fake:  # listening once start() returns
+    with FakeTwilio(record=False, delay=delay) as fake:  # listening once start() returns
         print(fake.url, flush=True)
         sys.stdin.read()  # EOF: the parent closed the pipe, or died
 

@@ -11,7 +11,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench import load
-from bench.common import API_TOKEN, KEY, PYTHON, TXSMS, free_port, start, stop, wait_http
+from bench.common import (
+    API_TOKEN,
+    PYTHON,
+    TXSMS,
+    free_port,
+    security_section,
+    start,
+    stop,
+    toml,
+    vm_hwm_mb,
+    wait_http,
+)
 from bench.fake_provider import provider_section
 
 PHONES = [f"+1 415 555 01{i:02d}" for i in range(20)]
@@ -30,7 +41,7 @@ def event_body(tag: str, n: int) -> bytes:
     return json.dumps(event).encode()
 
 
-def _spec(port: int, status: int, pid: int, args) -> load.Spec:
+def spec(port: int, status: int, pid: int, args) -> load.Spec:
     return load.Spec(
         port=port,
         path="/api/v1/events",
@@ -52,14 +63,14 @@ def bare(args, tmp: Path, threads: int) -> load.Result:
         proc = start(cmd, log)
         stack.callback(stop, proc)
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
-        return load.run(_spec(port, 200, proc.pid, args))
+        return load.run(spec(port, 200, proc.pid, args))
 
 
-def txsms(args, tmp: Path, db_url: str, fake_url: str) -> load.Result:
-    """`txsms serve` on `db_url` (fresh and migrated); checks every 202 left an event behind."""
-    port, log, config = free_port(), tmp / "serve.log", tmp / "serve.toml"
+def serve_config(tmp: Path, port: int, db_url: str, provider: dict) -> Path:
+    """The config `txsms serve` runs with in the benchmarks."""
+    config = tmp / f"serve-{port}.toml"
     config.write_text(
-        _toml(
+        toml(
             {
                 "server": {
                     "host": "127.0.0.1",
@@ -67,41 +78,47 @@ def txsms(args, tmp: Path, db_url: str, fake_url: str) -> load.Result:
                     "public_url": f"http://127.0.0.1:{port}",
                 },
                 "storage": {"url": db_url, "data_dir": str(tmp / "data")},
-                "security": {"keys": [KEY], "api_tokens": [API_TOKEN]},
+                "security": security_section(),
                 "sender": {"name": "Bench Shop", "default_region": "US", "timezone": "UTC"},
-                "provider": provider_section(fake_url),
+                "provider": provider,
             }
         )
     )
+    return config
+
+
+def txsms(args, tmp: Path, db_url: str, fake_url: str) -> tuple[load.Result, float]:
+    """`txsms serve` on `db_url` (fresh and migrated); checks every 202 left an event behind.
+    Also the server's peak RSS (VmHWM, MB) at the end of the load."""
+    port, log = free_port(), tmp / "serve.log"
+    config = serve_config(tmp, port, db_url, provider_section(fake_url))
     with ExitStack() as stack:
         proc = start([TXSMS, "serve", "--config", str(config)], log)
         stack.callback(stop, proc)
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
-        result = load.run(_spec(port, 202, proc.pid, args))
-    stored = _count_events(db_url)
-    if stored != result.answered:
-        raise RuntimeError(f"{result.answered} events answered 202 but {stored} stored")
-    return result
+        result = load.run(spec(port, 202, proc.pid, args))
+        peak_mb = vm_hwm_mb(proc.pid)
+    events, sent = stored(db_url)
+    if events < result.answered or not sent:  # a 202 is a promise that the event is stored
+        raise RuntimeError(f"{result.answered} answered 202, {events} events stored, {sent} sent")
+    return result, peak_mb
 
 
-def _count_events(db_url: str) -> int:
+def stored(db_url: str) -> tuple[int, int]:
+    """(events stored, messages the in-process worker sent)."""
     from sqlalchemy import func, select
 
     from txsms.core import storage
     from txsms.core.config import StorageConfig
 
+    count = select(func.count())
     engine = storage.make_engine(StorageConfig(url=db_url))
     try:
         with engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(storage.events)).scalar_one()
+            events = conn.execute(count.select_from(storage.events)).scalar_one()
+            sent = conn.execute(
+                count.select_from(storage.messages).where(storage.messages.c.status == "sent")
+            ).scalar_one()
     finally:
         engine.dispose()
-
-
-def _toml(sections: dict[str, dict]) -> str:
-    """Enough TOML for a config: JSON scalars and lists of strings are valid TOML values."""
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
+    return events, sent

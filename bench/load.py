@@ -1,7 +1,8 @@
 """A closed-loop HTTP load generator: keep-alive connections, one request in flight on each.
 
 Runs in processes of its own (`procs`), each with one thread per connection, so the client's CPU
-is not the server's. Only requests that start after the warm-up and end inside the window count.
+is not the server's. The rate counts the successes that end inside the measured window; the
+latencies, the requests that start after the warm-up and end inside it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 
-Body = Callable[[str, int], bytes]  # (connection tag, request number) -> a distinct body
+# (connection tag, request number) -> a distinct body, or (body, headers of its own) for
+# requests that must each carry their own headers (a signature over the body, a delivery id).
+Body = Callable[[str, int], bytes | tuple[bytes, dict[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class Spec:
     procs: int = 1
     seconds: float = 10.0
     warmup: float = 1.0
-    server_pid: int | None = None  # to measure the server's CPU over the window
+    server_pid: int | tuple[int, ...] | None = None  # the server's CPU over the window (summed)
 
 
 @dataclass(frozen=True)
@@ -44,21 +48,67 @@ class Result:
 
 
 def run(spec: Spec) -> Result:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(spec.procs), ctx.Queue()
-    procs = [
-        ctx.Process(target=_generate, args=(spec, n, barrier, queue)) for n in range(spec.procs)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        parts = [queue.get(timeout=spec.warmup + spec.seconds + 120) for _ in procs]
-    finally:
-        for p in procs:
+    return start(spec).result()
+
+
+class Running:
+    """A load under way: `window()` tells when it is measured, `result()` waits for the end."""
+
+    def __init__(self, spec: Spec):
+        ctx = multiprocessing.get_context("spawn")
+        self.spec = spec
+        # Held here: the children unpickle them after this returns (collected, they'd be gone).
+        self._barrier, self.queue = ctx.Barrier(spec.procs), ctx.Queue()
+        self._window, self._started = ctx.Array("d", 2), ctx.Event()
+        self.procs = [
+            ctx.Process(
+                target=_generate,
+                args=(spec, n, self._barrier, self.queue, self._window, self._started),
+            )
+            for n in range(spec.procs)
+        ]
+        self._deadline = time.monotonic() + spec.warmup + spec.seconds + 60
+        try:
+            for p in self.procs:
+                p.start()
+        except BaseException:
+            self._join()
+            raise
+
+    def window(self, timeout: float = 60.0) -> tuple[float, float]:
+        """The measured window in `time.monotonic()` (one clock for every process)."""
+        if not self._started.wait(timeout):
+            raise RuntimeError(f"load generator did not start within {timeout:.0f}s")
+        return self._window[0], self._window[1]
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._join()  # after an error elsewhere: no generator outlives the benchmark
+
+    def result(self) -> Result:
+        try:
+            parts = _collect(self.queue, self.procs, self._deadline)
+        finally:
+            self._join()
+        return _summary(self.spec, parts)
+
+    def _join(self) -> None:
+        for p in self.procs:
+            if p.pid is None:
+                continue  # never started
             p.join(5)
             if p.is_alive():
                 p.terminate()
                 p.join()
+
+
+def start(spec: Spec) -> Running:
+    return Running(spec)
+
+
+def _summary(spec: Spec, parts: list[dict]) -> Result:
     latencies = sorted(x for part in parts for x in part["latencies"])
     server = [p["server_cpu"] for p in parts if p["server_cpu"] is not None]
 
@@ -68,7 +118,7 @@ def run(spec: Spec) -> Result:
         )
 
     return Result(
-        rps=len(latencies) / spec.seconds,
+        rps=sum(p["completed"] for p in parts) / spec.seconds,
         p50_ms=pct(0.50),
         p99_ms=pct(0.99),
         errors=sum(p["errors"] for p in parts),
@@ -78,7 +128,19 @@ def run(spec: Spec) -> Result:
     )
 
 
-def _generate(spec: Spec, proc: int, barrier, queue) -> None:
+def _collect(queue, procs, deadline: float) -> list[dict]:
+    parts: list[dict] = []
+    while len(parts) < len(procs):
+        try:
+            parts.append(queue.get(timeout=0.5))
+        except Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"load generator failed (exit codes {failed})") from None
+    return parts
+
+
+def _generate(spec: Spec, proc: int, barrier, queue, shared_window, started) -> None:
     """One generator process: its share of the connections, then a report on `queue`."""
     from bench.common import cpu_seconds
 
@@ -89,7 +151,10 @@ def _generate(spec: Spec, proc: int, barrier, queue) -> None:
     barrier.wait()  # every process opened its connections: start together
     begin = time.monotonic()
     window = (begin + spec.warmup, begin + spec.warmup + spec.seconds)
-    stats = [{"latencies": [], "errors": 0, "answered": 0} for _ in conns]
+    if proc == 0:
+        shared_window[0], shared_window[1] = window
+        started.set()
+    stats = [{"latencies": [], "errors": 0, "answered": 0, "completed": 0} for _ in conns]
     threads = [
         threading.Thread(target=_connection, args=(spec, f"{proc}.{i}", conn, window, stats[i]))
         for i, conn in enumerate(conns)
@@ -107,6 +172,7 @@ def _generate(spec: Spec, proc: int, barrier, queue) -> None:
             "latencies": [x for s in stats for x in s["latencies"]],
             "errors": sum(s["errors"] for s in stats),
             "answered": sum(s["answered"] for s in stats),
+            "completed": sum(s["completed"] for s in stats),
             "client_cpu": cpu1 - cpu0,
             "server_cpu": None if server0 is None else server1 - server0,
         }
@@ -117,10 +183,12 @@ def _connection(spec: Spec, tag: str, conn, window: tuple[float, float], stats: 
     start, end = window
     n = 0
     while (t0 := time.monotonic()) < end:
-        body = spec.body(tag, n)
+        body, headers = spec.body(tag, n), spec.headers
+        if isinstance(body, tuple):
+            body, headers = body[0], {**headers, **body[1]}
         n += 1
         try:
-            conn.request("POST", spec.path, body, spec.headers)
+            conn.request("POST", spec.path, body, headers)
             resp = conn.getresponse()
             resp.read()
             ok = resp.status == spec.status
@@ -130,6 +198,7 @@ def _connection(spec: Spec, tag: str, conn, window: tuple[float, float], stats: 
         t1 = time.monotonic()
         stats["answered"] += ok
         stats["errors"] += not ok  # warm-up included: any error is one too many
+        stats["completed"] += ok and start <= t1 <= end
         if ok and start <= t0 and t1 <= end:
             stats["latencies"].append(t1 - t0)
     conn.close()
@@ -141,6 +210,7 @@ def _own_cpu() -> float:
 
 
 def _server_cpu(spec: Spec, proc: int, cpu_seconds) -> float | None:
-    if proc != 0 or spec.server_pid is None or not Path(f"/proc/{spec.server_pid}").exists():
+    pids = (spec.server_pid,) if isinstance(spec.server_pid, int) else spec.server_pid or ()
+    if proc != 0 or not pids or not all(Path(f"/proc/{pid}").exists() for pid in pids):
         return None
-    return cpu_seconds(spec.server_pid)
+    return sum(cpu_seconds(pid) for pid in pids)

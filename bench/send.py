@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import func, select
 
-from bench.common import KEY
+from bench.common import security_section
 from bench.fake_provider import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, provider_section
 from bench.ingest import PHONES
 
@@ -32,7 +32,7 @@ def runtime(db_url: str, fake_url: str, tmp: Path):
     config = config_from_mapping(
         {
             "storage": {"url": db_url, "data_dir": str(tmp / "data")},
-            "security": {"keys": [KEY]},
+            "security": security_section(),
             "sender": {"name": "Bench Shop", "default_region": "US", "timezone": "UTC"},
             "provider": provider_section(fake_url, rate_per_second=100000),
         },
@@ -58,7 +58,7 @@ def fill(rt, count: int) -> None:
             for n in range(first, min(count, first + BATCH))
         ]
         ingest(rt, batch)
-    if (pending := _count(rt.engine, "pending")) != count:
+    if (pending := count_status(rt.engine, "pending")) != count:
         raise RuntimeError(f"expected {count} pending messages, got {pending}")
 
 
@@ -107,18 +107,18 @@ def worker(rt, concurrency: int, count: int, timeout: float = 300.0) -> Result:
     w.start()
     try:
         deadline = time.monotonic() + timeout
-        while _count(watcher, "pending", "sending") and time.monotonic() < deadline:
+        while count_status(watcher, "pending", "sending") and time.monotonic() < deadline:
             time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`
     finally:
         w.stop()
     with watcher.connect() as conn:
         last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
-    sent = _count(watcher, "sent")
+    sent = count_status(watcher, "sent")
     watcher.dispose()
     return Result(sent / (last - started), count - sent)
 
 
-def _count(engine, *statuses: str) -> int:
+def count_status(engine, *statuses: str) -> int:
     from txsms.core.storage import messages
 
     query = select(func.count()).select_from(messages).where(messages.c.status.in_(statuses))

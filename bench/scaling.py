@@ -1,0 +1,96 @@
+"""Send scaling on PostgreSQL: messages/s from N `txsms worker --concurrency 2` processes (the
+README's scale-out) to the fake Twilio, against a bare `requests.Session` loop POSTing the same
+form bodies to the same fake, measured just before on the same queue.
+
+The messages are queued through the real pipeline and held (`send_at` far ahead) while the
+workers start; one UPDATE (and NOTIFY) releases them all, and the rate runs from that moment to
+the last recorded result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from bench import send
+from bench.common import TXSMS, cpu_seconds, database, security_section, start, stop, toml, wait_log
+from bench.fake_provider import provider_section
+
+HELD = 1e12  # a send_at no claim reaches: queued, not yet released
+POLL = 0.1  # worker.poll_seconds: the fallback should LISTEN not be connected yet
+
+
+@dataclass(frozen=True)
+class Result:
+    rate: float  # messages/s, all processes together
+    errors: int  # messages not sent
+    cpu: float  # cores the worker processes kept busy meanwhile
+    bare: send.Result  # the bare loop measured just before
+
+
+def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
+    with database("postgresql", tmp) as url:
+        rt = send.runtime(url, fake_url, tmp)
+        try:
+            send.fill(rt, args.messages)
+            bare = send.bare(fake_url, send.forms(rt))
+            _hold(rt)
+            return _workers(rt, url, fake_url, tmp, processes, args.messages, bare)
+        finally:
+            rt.close()
+
+
+def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
+    from txsms.core.notify import notify_outbox
+    from txsms.core.storage import messages
+
+    config = tmp / f"scaling-{processes}.toml"
+    config.write_text(
+        toml(
+            {
+                "storage": {"url": url, "data_dir": str(tmp / "data")},
+                "security": security_section(),
+                "sender": {"name": "Bench Shop", "default_region": "US", "timezone": "UTC"},
+                "provider": provider_section(fake_url, rate_per_second=100000),
+                "worker": {"poll_seconds": POLL},
+            }
+        )
+    )
+    env = {**os.environ, "TXSMS_CONFIG": str(config)}
+    with ExitStack() as stack:
+        procs = []
+        for n in range(processes):
+            log = tmp / f"scaling-{processes}-{n}.log"
+            proc = start([TXSMS, "worker", "--concurrency", "2"], log, env=env)
+            stack.callback(stop, proc)
+            procs.append((proc, log))
+        for proc, log in procs:
+            wait_log(log, "running with", proc)
+        cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
+        with rt.engine.begin() as conn:
+            started = time.time()
+            conn.execute(
+                messages.update().where(messages.c.send_at == HELD).values(send_at=started)
+            )
+            notify_outbox(conn)
+        deadline = time.monotonic() + 300
+        while send.count_status(rt.engine, "pending", "sending") and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`
+        wall = time.time() - started
+        cpu = (sum(cpu_seconds(p.pid) for p, _ in procs) - cpu0) / wall
+    with rt.engine.connect() as conn:
+        last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
+    sent = send.count_status(rt.engine, "sent")
+    return Result(sent / (last - started), count - sent, cpu, bare)
+
+
+def _hold(rt) -> None:
+    from txsms.core.storage import messages
+
+    with rt.engine.begin() as conn:
+        conn.execute(messages.update().where(messages.c.status == "pending").values(send_at=HELD))
