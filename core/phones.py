@@ -65,11 +65,3 @@ def normalize(raw: str | None, default_region: str, country_hint: str | None = N
         zones=zones,
         kind=kind,
     )
-
-
-def try_e164(raw: str, default_region: str) -> str | None:
-    """E.164 for a CLI argument, or None; used where a bad number is the user's typo."""
-    try:
-        return normalize(raw, default_region).e164
-    except PhoneError:
-        return None

@@ -542,7 +542,9 @@ def _decide(
         if sent_today >= config.policy.max_per_day:
             return decide("skipped", "frequency_cap")
 
-    zone = event.recipient.timezone or (phone.zones[0] if phone.zones else runtime.default_zone)
+    zone = event.recipient.timezone or (
+        phone.zones[0] if phone.zones else runtime.config.sender.timezone
+    )
     context = build_context(
         event.data,
         shop_name=config.sender.name,
@@ -564,7 +566,7 @@ def _decide(
     )
 
     send_at = max(now, event.send_at or now)
-    zones = list(phone.zones) or [event.recipient.timezone or runtime.default_zone]
+    zones = list(phone.zones) or [event.recipient.timezone or runtime.config.sender.timezone]
     later = None if template.urgent else quiet_until(send_at, zones, config.policy.quiet_hours)
     if event.expires_at is not None and (later or send_at) > event.expires_at:
         return decide("skipped", "expired")

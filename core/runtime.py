@@ -82,10 +82,6 @@ class Runtime:
     def committer(self) -> GroupCommitter:
         return GroupCommitter(self.engine)
 
-    @cached_property
-    def default_zone(self) -> str:
-        return self.config.sender.timezone
-
     def close(self) -> None:
         for name in ("committer", "_ingest_committer"):
             if name in self.__dict__:
