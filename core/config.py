@@ -109,6 +109,9 @@ class WorkerConfig:
     backoff_base_seconds: float = 2.0
     backoff_max_seconds: float = 3600.0
     unknown_grace_seconds: float = 300.0
+    # Messages marked "in flight" per durable commit; None: 8 where the provider can be asked
+    # about a message (a crash's window is settled by looking it up), else 1.
+    in_flight_window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,7 @@ class WorkerSchema(_Section):
     backoff_base_seconds = _positive()
     backoff_max_seconds = _positive()
     unknown_grace_seconds = fields.Float(validate=validate.Range(min=0))
+    in_flight_window = _int(1, 50)
 
 
 class TemplateSchema(_Section):

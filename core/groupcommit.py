@@ -46,10 +46,14 @@ class GroupCommitter:
 
     def run(self, item):
         """Hand `item` to the writer; return its result once the commit holding it is done."""
+        return self.submit(item).result()
+
+    def submit(self, item) -> Future:
+        """Hand `item` to the writer; the future resolves once the commit holding it is done."""
         future: Future = Future()
         self._queue.put((item, future))
         self._ensure_thread()
-        return future.result()
+        return future
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the writer after what is queued, and release its connection."""

@@ -35,7 +35,7 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
     ids = [r[0] for r in conn.execute(query)]
     if not ids:
         return []
-    conn.execute(
+    rows = conn.execute(
         messages.update()
         .where(messages.c.id.in_(ids))
         .values(
@@ -47,10 +47,9 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
             attempts=messages.c.attempts + 1,
             updated_at=now,
         )
-    )
-    return conn.execute(
-        select(messages).where(messages.c.id.in_(ids)).order_by(messages.c.send_at)
+        .returning(*messages.c)
     ).all()
+    return sorted(rows, key=lambda row: row.send_at)
 
 
 # Built once: the columns to set travel as parameters, so SQLAlchemy compiles each shape once
@@ -59,11 +58,21 @@ _UPDATE = messages.update().where(messages.c.id == bindparam("_id"))
 _MARK_IN_FLIGHT = (
     messages.update()
     .where(
-        messages.c.id == bindparam("_id"),
+        messages.c.id.in_(bindparam("_ids", expanding=True)),
         messages.c.claimed_by == bindparam("_claim"),
         messages.c.status == "sending",
     )
+    .values(in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now"))
     .returning(messages.c.id)
+)
+_UNMARK = (
+    messages.update()
+    .where(
+        messages.c.id.in_(bindparam("_ids", expanding=True)),
+        messages.c.claimed_by == bindparam("_claim"),
+        messages.c.status == "sending",
+    )
+    .values(in_flight=False, updated_at=bindparam("_now"))
 )
 
 
@@ -72,10 +81,24 @@ def update(conn: Connection, message_id: str, **values) -> None:
     conn.execute(_UPDATE, {"_id": message_id, **values})
 
 
-def mark_in_flight(conn: Connection, message_id: str, claim: str, **values) -> bool:
-    """Commit "the request is about to leave" — only if the claim is still ours."""
-    params = {"_id": message_id, "_claim": claim, "in_flight": True, "updated_at": time.time()}
-    return conn.execute(_MARK_IN_FLIGHT, {**params, **values}).first() is not None
+def update_many(conn: Connection, changes: Sequence[dict]) -> None:
+    """Several `update`s in one executemany; every dict has `_id` and the same other keys."""
+    if changes:
+        conn.execute(_UPDATE, list(changes))
+
+
+def mark_in_flight(conn: Connection, ids: Sequence[str], claim: str, provider: str) -> set[str]:
+    """Commit "these requests are about to leave" — for the ids whose claim is still ours,
+    which are returned."""
+    params = {"_ids": list(ids), "_claim": claim, "_provider": provider, "_now": time.time()}
+    return {row[0] for row in conn.execute(_MARK_IN_FLIGHT, params)}
+
+
+def unmark_in_flight(conn: Connection, ids: Sequence[str], claim: str) -> None:
+    """Marked, but the worker stopped before sending them: they never left, so they go back to
+    the queue when the claim's lease ends instead of becoming `unknown`."""
+    if ids:
+        conn.execute(_UNMARK, {"_ids": list(ids), "_claim": claim, "_now": time.time()})
 
 
 def sweep_interrupted(conn: Connection) -> int:

@@ -51,6 +51,8 @@ class RateLimiter:
         was set meanwhile. A caller that is late for its slot (see `late`) takes another."""
         while True:
             with self._lock:
+                if self._slots and self.late(self._slots[0]):
+                    self._slots.clear()  # this process could not keep up with them: let go
                 slot = self._slots.popleft() if self._slots else self._take()
             if slot is not None:
                 wait = slot - time.time()

@@ -6,10 +6,9 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import cached_property
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 from txsms.core import storage
 from txsms.core.config import Config
@@ -61,9 +60,7 @@ class Runtime:
 
     @cached_property
     def _relaxed_engine(self) -> Engine:
-        if not storage.is_sqlite(self.engine):
-            return self.engine
-        return storage.make_engine(replace(self.config.storage, sqlite_synchronous="NORMAL"))
+        return storage.make_engine(self.config.storage, relaxed=True)
 
     @contextmanager
     def relaxed(self) -> Iterator[Connection]:
@@ -74,8 +71,6 @@ class Runtime:
         is acknowledged to someone, or that guards against sending twice, uses `engine`.
         """
         with self._relaxed_engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield conn
 
     @cached_property
@@ -86,6 +81,6 @@ class Runtime:
         for name in ("committer", "_ingest_committer"):
             if name in self.__dict__:
                 self.__dict__[name].close()
-        if "_relaxed_engine" in self.__dict__ and self._relaxed_engine is not self.engine:
+        if "_relaxed_engine" in self.__dict__:
             self._relaxed_engine.dispose()
         self.engine.dispose()

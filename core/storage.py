@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
 )
 
 from txsms.core.config import StorageConfig
@@ -188,12 +189,21 @@ rate_limits = Table(
 )
 
 
-def make_engine(storage: StorageConfig, **kwargs) -> Engine:
+def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> Engine:
+    """The engine for `storage`. `relaxed`: commits survive a crash of this process but may be
+    lost on power failure (PostgreSQL's synchronous_commit off, SQLite's synchronous NORMAL)."""
     url = storage.url
     if not url.startswith("sqlite"):
+        if relaxed:  # set per connection: no SET round trip in every transaction
+            parsed = make_url(url)
+            options = " ".join(
+                filter(None, (parsed.query.get("options"), "-c synchronous_commit=off"))
+            )
+            kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "options": options}
+            url = parsed.difference_update_query(["options"])
         return create_engine(url, pool_pre_ping=True, **kwargs)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
-    synchronous = storage.sqlite_synchronous
+    synchronous = "NORMAL" if relaxed else storage.sqlite_synchronous
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record):

@@ -9,10 +9,11 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
@@ -36,6 +37,12 @@ from txsms.core.storage import messages, recipients
 log = logging.getLogger(__name__)
 
 MAINTENANCE_SECONDS = 30.0
+
+_FOOTER_SENT = (
+    recipients.update()
+    .where(recipients.c.phone_index == bindparam("_index"))
+    .values(footer_sent_at=bindparam("_now"), updated_at=bindparam("_now"))
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,10 @@ class Worker:
         # A lease that runs out mid-request is safe: the row is in flight, so no one resends
         # it (it becomes `unknown` until this worker records the real outcome).
         self.lease = config.worker.lease_seconds
+        # How many messages one durable commit marks in flight. After a crash up to two
+        # windows per thread are `unknown`; where the provider can be asked, looking each one
+        # up settles them, so a wider window (fewer commits per message) costs nothing there.
+        self.window = config.worker.in_flight_window or (8 if self.provider.can_lookup else 1)
         self.limiter = RateLimiter(
             runtime.relaxed,
             f"provider:{config.provider.kind}",
@@ -116,46 +127,85 @@ class Worker:
     def run_once(self) -> int:
         """Claim one batch and send it; the number of messages handled."""
         self.maintain()
+        claim = self._claim_token()
         with self.runtime.engine.begin() as conn:
-            rows = outbox.claim(conn, self._claim_token(), lease=self.lease, limit=self.batch)
+            rows = outbox.claim(conn, claim, lease=self.lease, limit=self.batch)
             # Consent, invalid numbers and disabled sources are checked here, moments before
             # sending, for the whole batch at once; skips are recorded in this transaction.
             ready = self._prepare(conn, rows)
-        waiting: tuple | None = None  # a sent message whose result is not recorded yet
+        windows = [ready[n : n + self.window] for n in range(0, len(ready), self.window)]
+        sent: list[tuple] = []  # sent, the result not recorded yet
+        marked: list[tuple] = []  # committed as in flight, not sent yet
+        # The next window's commit, under way: (future, window, the results it records).
+        ahead: tuple[Future, list[tuple], list[tuple]] | None = None
         try:
-            for row, prepared in ready:
-                slot = None if self.stop_event.is_set() else self.limiter.acquire(self.stop_event)
-                if slot is None:
-                    break  # unsent claims go back when their lease ends
-                # One durable transaction records the previous result and marks this message
-                # in flight: a crash after it can never resend this message blindly.
-                # It goes through the group committer: threads share one disk flush.
-                owned = self.runtime.committer.run(partial(self._in_flight, waiting, row, prepared))
-                waiting = None
-                if not owned:  # our lease ran out and another worker took the message over
-                    log.warning("message %s: claim lost before sending; left to its owner", row.id)
-                    continue
-                while self.limiter.late(slot):  # the commit took long: starting now could
-                    slot = self.limiter.acquire()  # crowd the next slot, so take a fresh one
-                waiting = (row, prepared, self._send(prepared.message))
+            for n, window in enumerate(windows):
+                # One durable transaction records the results so far and marks a window in
+                # flight: a crash after it can never resend those blindly. It goes through
+                # the group committer (threads share one disk flush). With windows wider than
+                # one, the next window's commit runs while this one is sent, so it rarely
+                # holds up a request; a window of one keeps a single message in flight.
+                future = ahead[0] if ahead else self._mark(window, [], claim)
+                owned = future.result()
+                ahead = None
+                marked = [(row, prepared) for row, prepared in window if row.id in owned]
+                for row, _ in window:
+                    if row.id not in owned:  # our lease ran out and another worker took it
+                        log.warning(
+                            "message %s: claim lost before sending; left to its owner", row.id
+                        )
+                if self.window > 1 and n + 1 < len(windows) and not self.stop_event.is_set():
+                    ahead = (self._mark(windows[n + 1], sent, claim), windows[n + 1], sent)
+                    sent = []
+                if not self._send_all(marked, sent):
+                    break  # stopping: unsent claims go back when their lease ends
         finally:
-            if waiting is not None:
+            if ahead is not None:  # its window was never started
+                future, window, handed = ahead
+                try:
+                    owned = future.result()
+                except Exception:
+                    sent = handed + sent  # that commit failed: record its results below
+                else:
+                    marked += [(row, prepared) for row, prepared in window if row.id in owned]
+            if sent or marked:
                 with self.runtime.relaxed() as conn:  # lost on power failure: settled as unknown
-                    self._record(conn, *waiting)
+                    self._record_all(conn, sent)
+                    outbox.unmark_in_flight(conn, [row.id for row, _ in marked], claim)
         return len(rows)
 
-    def _in_flight(self, waiting: tuple | None, row, prepared: Prepared, conn) -> bool:
-        if waiting is not None:
-            self._record(conn, *waiting)
-        return outbox.mark_in_flight(
+    def _mark(self, window: list[tuple], sent: list[tuple], claim: str) -> Future:
+        return self.runtime.committer.submit(partial(self._in_flight, sent, window, claim))
+
+    def _send_all(self, marked: list[tuple], sent: list[tuple]) -> bool:
+        """Send what is marked in flight, each in its rate slot, moving it from `marked` to
+        `sent`; False when the worker is stopping."""
+        while marked:
+            slot = None if self.stop_event.is_set() else self.limiter.acquire(self.stop_event)
+            if slot is None:
+                return False
+            while self.limiter.late(slot):  # the commit took long: starting now could crowd
+                slot = self.limiter.acquire()  # the next slot, so take a fresh one
+            row, prepared = marked.pop(0)
+            sent.append((row, prepared, self._send(prepared.message)))
+        return True
+
+    def _in_flight(self, sent: list[tuple], window: list[tuple], claim: str, conn) -> set[str]:
+        self._record_all(conn, sent)
+        outbox.update_many(  # the body as it will be sent: with the number's first footer
             conn,
-            row.id,
-            row.claimed_by,
-            provider=self.provider.name,
-            body_enc=prepared.body_enc,
-            encoding=prepared.message.encoding,
-            segments=prepared.message.segments,
+            [
+                {
+                    "_id": row.id,
+                    "body_enc": prepared.body_enc,
+                    "encoding": prepared.message.encoding,
+                    "segments": prepared.message.segments,
+                }
+                for row, prepared in window
+                if prepared.with_footer
+            ],
         )
+        return outbox.mark_in_flight(conn, [row.id for row, _ in window], claim, self.provider.name)
 
     def _send(self, message: OutgoingMessage) -> ProviderResult:
         started = time.monotonic()
@@ -257,9 +307,44 @@ class Worker:
             ready.append((row, Prepared(message, row.phone_index, with_footer, body_enc)))
         return ready
 
-    def _record(self, conn, row, prepared: Prepared, result: ProviderResult) -> None:
+    def _record_all(self, conn, sent: list[tuple]) -> None:
+        """Record the results of sent messages; the usual case (sent) in one executemany."""
         now = time.time()
-        common = {
+        accepted = [item for item in sent if item[2].outcome is Outcome.SENT]
+        outbox.update_many(
+            conn,
+            [
+                {
+                    "_id": row.id,
+                    "status": "sent",
+                    "reason": None,
+                    "sent_at": now,
+                    "finished_at": now,
+                    "segments": result.segments or prepared.message.segments,
+                    "updated_at": now,
+                    **self._result_columns(result),
+                }
+                for row, prepared, result in accepted
+            ],
+        )
+        footers = [{"_index": p.index} for _, p, _ in accepted if p.with_footer and p.index]
+        if footers:
+            conn.execute(_FOOTER_SENT, [{**f, "_now": now} for f in footers])
+        for row, prepared, result in accepted:
+            MESSAGES.labels("sent", "").inc()
+            log.info(
+                "message %s sent to %s (%s)",
+                row.id,
+                redact_phone(prepared.message.to),
+                result.provider_message_id,
+            )
+        for row, prepared, result in sent:
+            if result.outcome is not Outcome.SENT:
+                self._record(conn, row, prepared, result)
+
+    @staticmethod
+    def _result_columns(result: ProviderResult) -> dict:
+        return {
             "in_flight": False,
             "lease_until": None,
             "provider_message_id": result.provider_message_id,
@@ -267,22 +352,16 @@ class Worker:
             "error_code": result.error_code,
             "error_text": (result.error_text or None) and result.error_text[:500],
         }
+
+    def _record(self, conn, row, prepared: Prepared, result: ProviderResult) -> None:
+        """Record one result other than "sent" (those go through `_record_all`)."""
+        now = time.time()
+        common = self._result_columns(result)
         if result.segments:
             common["segments"] = result.segments
         outcome = result.outcome
         to = redact_phone(prepared.message.to)
-        if outcome is Outcome.SENT:
-            self._finish(
-                conn, row.id, status="sent", reason=None, sent_at=now, finished_at=now, **common
-            )
-            if prepared.with_footer and prepared.index:
-                conn.execute(
-                    recipients.update()
-                    .where(recipients.c.phone_index == prepared.index)
-                    .values(footer_sent_at=now, updated_at=now)
-                )
-            log.info("message %s sent to %s (%s)", row.id, to, result.provider_message_id)
-        elif outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts:
+        if outcome is Outcome.RETRY and row.attempts < self.runtime.config.worker.max_attempts:
             delay = self._backoff(row.attempts, result.retry_after)
             self._finish(
                 conn, row.id, status="pending", reason="retry", send_at=now + delay, **common

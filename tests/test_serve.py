@@ -216,6 +216,31 @@ def test_kill_9_loses_nothing_and_sends_nothing_twice(tmp_path, server_factory, 
     assert len(server.messages()) == 5
 
 
+def test_kill_9_mid_window_settles_every_marked_message_once(tmp_path, server_factory, fake_twilio):
+    # Twilio can be asked about a message, so the worker marks eight at a time in flight.
+    config = base_config(
+        tmp_path, provider=twilio_section(fake_twilio), worker={"unknown_grace_seconds": 0}
+    )
+    server = server_factory(tmp_path, config).start()
+    fake_twilio.script(Delay(30.0))  # the first request hangs at the provider
+    batch = [
+        {**SAMPLE, "key": f"order:{n}:created", "data": {"order": {"number": f"#{n}"}}}
+        for n in range(5)
+    ]
+    assert server.post({"events": batch}).status_code == 202  # one commit: one claim
+    fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
+    server.stop(signal.SIGKILL)  # one request on the wire, four marked but never sent
+
+    server.start()
+    wait_until(lambda: [m["status"] for m in server.messages()] == ["sent"] * 5, timeout=20)
+    bodies = [r.form["Body"] for r in fake_twilio.requests if r.method == "POST"]
+    assert len(bodies) == 5 and len(set(bodies)) == 5  # each message reached Twilio once
+    reasons = sorted(str(m["reason"]) for m in server.messages())
+    assert reasons.count("settled_by_lookup") == 1  # the one on the wire was found there
+    # The four that never left were not found, so each was sent once after the restart.
+    assert server.err.read_text().count("settled: resend_after_lookup") == 4
+
+
 def test_no_plaintext_number_or_secret_in_database_or_logs(tmp_path, server_factory, fake_twilio):
     server = server_factory(tmp_path, base_config(tmp_path, provider=twilio_section(fake_twilio)))
     server.start()

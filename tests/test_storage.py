@@ -122,6 +122,36 @@ def test_sqlite_synchronous_follows_the_config(tmp_path, sqlite_url, setting, ex
         engine.dispose()
 
 
+def test_relaxed_engine_skips_the_flush_and_keeps_the_url_options(tmp_path, database_url):
+    config = make_config(tmp_path, database_url, storage={"sqlite_synchronous": "extra"})
+    durable = storage.make_engine(config.storage)
+    relaxed = storage.make_engine(config.storage, relaxed=True)
+    try:
+        storage.upgrade(durable)
+        # (one at a time: on SQLite every transaction takes the write lock)
+        with durable.connect() as conn:
+            if durable.dialect.name == "sqlite":
+                durable_setting = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            else:
+                durable_setting = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+                path = conn.exec_driver_sql("SHOW search_path").scalar()
+        with relaxed.connect() as conn:
+            if durable.dialect.name == "sqlite":
+                assert (durable_setting, conn.exec_driver_sql("PRAGMA synchronous").scalar()) == (
+                    3,  # EXTRA, as configured
+                    1,  # NORMAL
+                )
+            else:
+                setting = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+                assert (durable_setting, setting) == ("on", "off")
+                # The URL's own options (here the test's schema) still apply.
+                assert conn.exec_driver_sql("SHOW search_path").scalar() == path
+            assert conn.execute(select(func.count()).select_from(storage.messages)).scalar() == 0
+    finally:
+        durable.dispose()
+        relaxed.dispose()
+
+
 def test_insert_ignore_reports_an_insert_then_a_conflict(engine):
     storage.upgrade(engine)
     table = storage.cursors

@@ -234,3 +234,54 @@ def test_rate_limit_holds_across_workers(runtime_factory, fake_twilio):
     for first in arrivals:  # never more than 5 in any one-second window
         assert len([t for t in arrivals if first <= t < first + 1.0]) <= 5
     assert arrivals[-1] - arrivals[0] >= 9 / 5  # ten requests spaced at least 1/rate apart
+
+
+def _in_flight(runtime) -> list[bool]:
+    with runtime.engine.connect() as conn:
+        return [r[0] for r in conn.execute(select(messages.c.in_flight))]
+
+
+def test_in_flight_window_is_wider_only_where_the_provider_can_be_asked(
+    runtime_factory, fake_twilio
+):
+    twilio = runtime_factory(provider=twilio_section(fake_twilio))
+    assert Worker(twilio).window == 8  # a crash's window is settled by looking each one up
+    vonage = {"kind": "vonage", "api_key": "k", "api_secret": "s", "from": "TXSMS"}
+    assert Worker(runtime_factory(provider=vonage)).window == 1  # no look-up: one at a time
+    strict = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 1})
+    assert Worker(strict).window == 1
+
+
+def test_a_window_is_marked_in_flight_before_its_first_request(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"lease_seconds": 0.5})
+    keys = [f"k{n}" for n in range(5)]
+    ingest(runtime, [event(key) for key in keys])
+    fake_twilio.script(Delay(1.0))
+    worker = Worker(runtime)
+    worker.start()
+    fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
+    assert _in_flight(runtime) == [True] * 5  # one commit before the first request left
+    worker.stop()  # the first request finishes; the other four never left
+    assert len(fake_twilio.requests) == 1
+    rows = [message(runtime, key) for key in keys]
+    assert sorted(r.status for r in rows) == ["sending"] * 4 + ["sent"]
+    assert not any(_in_flight(runtime))  # given back, not left to become `unknown`
+    drain(Worker(runtime), lambda: len(fake_twilio.messages) == 5)
+    rows = [message(runtime, key) for key in keys]
+    assert [r.status for r in rows] == ["sent"] * 5
+    assert len({r.provider_message_id for r in rows}) == 5
+    assert len(fake_twilio.requests) == 5  # each message left once
+
+
+def test_a_window_of_one_marks_one_message_at_a_time(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 1})
+    ingest(runtime, [event(f"k{n}") for n in range(3)])
+    fake_twilio.script(Delay(1.0))
+    worker = Worker(runtime)
+    worker.start()
+    try:
+        fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
+        assert sorted(_in_flight(runtime)) == [False, False, True]
+        fake_twilio.wait_for(lambda: len(fake_twilio.messages) == 3)
+    finally:
+        worker.stop()
