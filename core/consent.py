@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, literal_column, null, select, union_all
 
 from txsms.core.crypto import Vault
-from txsms.core.storage import consent_ledger, preferences
+from txsms.core.storage import consent_ledger, preferences, recipients
 
 SCOPES = ("all", "marketing")
 ACTIONS = ("opt_out", "opt_in")
@@ -74,28 +74,7 @@ def fold(entries) -> ConsentState:
 
 
 def state(conn: Connection, phone_index: str) -> ConsentState:
-    return states(conn, [phone_index])[phone_index]
-
-
-# Built once (an expanding IN parameter): the hot path reuses the compiled statement.
-_LEDGER_OF = (
-    select(consent_ledger.c.phone_index, consent_ledger.c.scope, consent_ledger.c.action)
-    .where(consent_ledger.c.phone_index.in_(bindparam("indexes", expanding=True)))
-    .order_by(consent_ledger.c.created_at, consent_ledger.c.id)
-)
-_OFF_OF = select(preferences.c.phone_index, preferences.c.category).where(
-    preferences.c.phone_index.in_(bindparam("indexes", expanding=True)),
-    preferences.c.enabled.is_(False),
-)
-
-
-def states(conn: Connection, indexes: list[str]) -> dict[str, ConsentState]:
-    """The consent state of many numbers in one query (ingest looks up a whole batch)."""
-    entries: dict[str, list[tuple[str, str]]] = {i: [] for i in indexes}
-    rows = conn.execute(_LEDGER_OF, {"indexes": list(set(indexes))})
-    for index, scope, action in rows:
-        entries[index].append((scope, action))
-    return {index: fold(e) for index, e in entries.items()}
+    return numbers(conn, [phone_index])[phone_index].consent
 
 
 def ledger(conn: Connection, vault: Vault, phone_index: str) -> list[dict[str, Any]]:
@@ -133,12 +112,78 @@ def set_preference(conn: Connection, phone_index: str, category: str, enabled: b
 
 
 def disabled_categories(conn: Connection, phone_index: str) -> set[str]:
-    return disabled_categories_many(conn, [phone_index])[phone_index]
+    return set(numbers(conn, [phone_index])[phone_index].off)
 
 
-def disabled_categories_many(conn: Connection, indexes: list[str]) -> dict[str, set[str]]:
-    off: dict[str, set[str]] = {i: set() for i in indexes}
-    rows = conn.execute(_OFF_OF, {"indexes": list(set(indexes))})
-    for index, category in rows:
-        off[index].add(category)
-    return off
+@dataclass(frozen=True)
+class Number:
+    """What is stored about one number, as ingest and the worker need it."""
+
+    known: bool  # it has a recipients row
+    invalid_reason: str | None
+    footer_sent_at: float | None
+    consent: ConsentState
+    off: frozenset[str]  # categories switched off
+
+
+def _part(name: str):
+    return literal_column(f"'{name}'").label("part")
+
+
+def _in(column, name: str):
+    return column.in_(bindparam(name, expanding=True))
+
+
+# The recipient row, the ledger and the preferences of many numbers in one round trip.
+_NUMBERS_OF = union_all(
+    select(
+        _part("recipient"),
+        recipients.c.phone_index,
+        recipients.c.invalid_reason.label("a"),
+        null().label("b"),
+        recipients.c.footer_sent_at.label("at"),
+        literal_column("0").label("seq"),
+    ).where(_in(recipients.c.phone_index, "r")),
+    select(
+        _part("ledger"),
+        consent_ledger.c.phone_index,
+        consent_ledger.c.scope,
+        consent_ledger.c.action,
+        consent_ledger.c.created_at,
+        consent_ledger.c.id,
+    ).where(_in(consent_ledger.c.phone_index, "l")),
+    select(
+        _part("off"),
+        preferences.c.phone_index,
+        preferences.c.category,
+        null(),
+        null(),
+        literal_column("0"),
+    ).where(_in(preferences.c.phone_index, "p"), preferences.c.enabled.is_(False)),
+)
+
+
+def numbers(conn: Connection, indexes: list[str]) -> dict[str, Number]:
+    """`Number`s for `indexes`, in one query: ingest and the worker look up whole batches."""
+    if not indexes:
+        return {}
+    unique = list(set(indexes))
+    rows = conn.execute(_NUMBERS_OF, {"r": unique, "l": unique, "p": unique})
+    people: dict[str, tuple] = {}
+    ledgers: dict[str, list[tuple]] = {i: [] for i in unique}
+    off: dict[str, set[str]] = {i: set() for i in unique}
+    for part, index, a, b, at, seq in rows:
+        if part == "recipient":
+            people[index] = (a, at)
+        elif part == "ledger":
+            ledgers[index].append((at, seq, a, b))
+        else:
+            off[index].add(a)
+    result = {}
+    for index in unique:
+        invalid, footer = people.get(index, (None, None))
+        entries = [(scope, action) for _, _, scope, action in sorted(ledgers[index])]
+        result[index] = Number(
+            index in people, invalid, footer, fold(entries), frozenset(off[index])
+        )
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import phonenumbers
@@ -47,15 +48,27 @@ def normalize(raw: str | None, default_region: str, country_hint: str | None = N
     if raw is None or not str(raw).strip():
         raise PhoneError("no_phone")
     region = (country_hint or default_region or "").upper() or None
+    parsed = _parse(str(raw), region)
+    if isinstance(parsed, str):
+        raise PhoneError(parsed)
+    return parsed
+
+
+# A webhook's number is parsed twice (the connector checks it is usable, the pipeline parses
+# it for good) and a shop's customers come back; parsing costs more than the rest of a
+# request's Python, so the last few hundred results are kept. Process memory only.
+@functools.lru_cache(maxsize=512)
+def _parse(raw: str, region: str | None) -> Phone | str:
+    """The Phone, or the reason it is not one."""
     try:
-        number = phonenumbers.parse(str(raw), region)
-    except phonenumbers.NumberParseException as exc:
-        raise PhoneError("invalid_phone") from exc
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return "invalid_phone"
     if not phonenumbers.is_valid_number(number):
-        raise PhoneError("invalid_phone")
+        return "invalid_phone"
     kind = _KINDS.get(phonenumbers.number_type(number), "other")
     if kind == "fixed_line":  # only where metadata is sure; NANP says "fixed_line_or_mobile"
-        raise PhoneError("landline")
+        return "landline"
     zones = tuple(z for z in pn_timezone.time_zones_for_number(number) if z != "Etc/Unknown")
     if len(zones) > MAX_USEFUL_ZONES or kind == "toll_free":
         zones = ()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, or_, select
+from sqlalchemy import Connection, func, or_, select
 
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
@@ -146,11 +146,6 @@ def _ingest_group(
     return out
 
 
-_INVALID_OF = select(recipients.c.phone_index, recipients.c.invalid_reason).where(
-    recipients.c.phone_index.in_(bindparam("indexes", expanding=True))
-)
-
-
 class _Lookups:
     """What ingest reads about a batch's numbers and sources, fetched once per batch: a
     batch of 100 events costs a few queries instead of a few hundred."""
@@ -165,15 +160,8 @@ class _Lookups:
         self.runtime, self.conn = runtime, conn
         self._phones = dict(phones or {})
         self.sources: dict[str, bool] = {}
-        indexes = list(
-            {runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0]) is not None}
-        )
-        self.invalid: dict[str, str | None] = {}
-        if indexes:
-            rows = conn.execute(_INVALID_OF, {"indexes": indexes})
-            self.invalid = {index: reason for index, reason in rows}
-        self.consent = consent.states(conn, indexes) if indexes else {}
-        self.off = consent.disabled_categories_many(conn, indexes) if indexes else {}
+        indexes = {runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])}
+        self.numbers = consent.numbers(conn, list(indexes))
 
     def phone(self, event: Event) -> tuple[Phone | None, str | None]:
         key = (event.recipient.phone, event.recipient.country)
@@ -181,22 +169,14 @@ class _Lookups:
             self._phones[key] = _parse_phone(self.runtime, event)
         return self._phones[key]
 
-    def consent_of(self, index: str) -> consent.ConsentState:
-        if index not in self.consent:
-            self.consent[index] = consent.state(self.conn, index)
-        return self.consent[index]
+    def number(self, index: str) -> consent.Number:
+        if index not in self.numbers:
+            self.numbers.update(consent.numbers(self.conn, [index]))
+        return self.numbers[index]
 
-    def off_of(self, index: str) -> set[str]:
-        if index not in self.off:
-            self.off[index] = consent.disabled_categories(self.conn, index)
-        return self.off[index]
-
-    def invalid_of(self, index: str) -> str | None:
-        if index not in self.invalid:
-            self.invalid[index] = self.conn.execute(
-                select(recipients.c.invalid_reason).where(recipients.c.phone_index == index)
-            ).scalar()
-        return self.invalid[index]
+    def remembered(self, index: str) -> None:
+        """The number now has its recipients row."""
+        self.numbers[index] = replace(self.number(index), known=True)
 
     def source_disabled(self, source: str) -> bool:
         if source not in self.sources:
@@ -205,8 +185,7 @@ class _Lookups:
 
     def forget(self, index: str | None) -> None:
         """The batch changed what is stored about this number: read it again when asked."""
-        for cache in (self.consent, self.off, self.invalid):
-            cache.pop(index, None)
+        self.numbers.pop(index, None)
 
 
 def _ingest_one(
@@ -267,9 +246,9 @@ def _ingest_one(
     if context is not None:
         _save_order_context(runtime, conn, event, index, context, now)
 
-    if phone is not None and index not in lookups.invalid:
+    if phone is not None and not lookups.number(index).known:
         _remember_recipient(runtime, conn, phone, index, now)
-        lookups.invalid[index] = None
+        lookups.remembered(index)
     if event.consent is not None and index is not None:
         consent.record(
             conn,
@@ -520,14 +499,14 @@ def _decide(
         return decide("skipped", skip)
     if phone is None:
         return decide("skipped", phone_error)
-    if lookups.invalid_of(index):
+    number = lookups.number(index)
+    if number.invalid_reason:
         return decide("skipped", "invalid_phone")
-    state = lookups.consent_of(index)
-    if state.opted_out:
+    if number.consent.opted_out:
         return decide("skipped", "opted_out")
-    if template.category == "marketing" and state.marketing != "opted_in":
+    if template.category == "marketing" and number.consent.marketing != "opted_in":
         return decide("skipped", "not_opted_in")
-    if template.category in lookups.off_of(index):
+    if template.category in number.off:
         return decide("skipped", "category_off")
     if config.policy.max_per_day and not template.urgent:
         sent_today = conn.execute(

@@ -245,36 +245,24 @@ class Worker:
     def _prepare(self, conn, rows) -> list[tuple]:
         """Decide, for a claimed batch, what may still be sent; add each number's first footer."""
         vault, sender = self.runtime.vault, self.runtime.config.sender
-        indexes = list({r.phone_index for r in rows if r.phone_index and r.kind != REPLY_KIND})
-        states = consent.states(conn, indexes) if indexes else {}
-        people = {}
-        if indexes:
-            people = {
-                r.phone_index: r
-                for r in conn.execute(
-                    select(
-                        recipients.c.phone_index,
-                        recipients.c.invalid_reason,
-                        recipients.c.footer_sent_at,
-                    ).where(recipients.c.phone_index.in_(indexes))
-                )
-            }
+        numbers = consent.numbers(
+            conn, [r.phone_index for r in rows if r.phone_index and r.kind != REPLY_KIND]
+        )
         disabled = {source: source_disabled(conn, source) for source in {r.source for r in rows}}
         footers: set[str] = set()  # numbers given the footer in this batch already
         ready = []
         for row in rows:
             is_reply = row.kind == REPLY_KIND  # a keyword's confirmation: no consent check
-            person = people.get(row.phone_index)
+            number = None if is_reply else numbers.get(row.phone_index)
             reason = None
-            if not is_reply and row.phone_index:
-                state = states[row.phone_index]
+            if number is not None:
                 if disabled[row.source]:
                     reason = "source_disabled"
-                elif state.opted_out:
+                elif number.consent.opted_out:
                     reason = "opted_out"
-                elif row.category == "marketing" and state.marketing != "opted_in":
+                elif row.category == "marketing" and number.consent.marketing != "opted_in":
                     reason = "not_opted_in"
-                elif person is not None and person.invalid_reason:
+                elif number.invalid_reason:
                     reason = "invalid_phone"
             to, body = vault.decrypt(row.to_enc), vault.decrypt(row.body_enc)
             if reason is None and (to is None or body is None):
@@ -294,7 +282,7 @@ class Worker:
             with_footer = bool(
                 not is_reply
                 and sender.footer
-                and (person is None or person.footer_sent_at is None)
+                and (number is None or number.footer_sent_at is None)
                 and row.phone_index not in footers
                 and sender.footer not in body
             )

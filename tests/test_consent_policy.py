@@ -230,3 +230,53 @@ def test_fall_back_night_ends_the_window_at_its_second_occurrence():
     planned = at(NY, 2025, 11, 2, 1, 10, fold=1)
     result = quiet_until(planned, [NY], (dtime(0, 0), dtime(1, 15)))
     assert result == utc(2025, 11, 2, 6, 15)  # 01:15 EST, not 2025-11-03 06:15 UTC
+
+
+def test_numbers_reads_recipient_ledger_and_preferences_of_many_in_one_query(runtime):
+    from txsms.core.storage import recipients
+
+    ada, bob, new = (runtime.vault.index(f"+1415555010{n}") for n in range(3))
+    with runtime.engine.begin() as conn:
+        for index, reason, footer in ((ada, None, 5.0), (bob, "provider:30006", None)):
+            conn.execute(
+                recipients.insert().values(
+                    phone_index=index,
+                    invalid_reason=reason,
+                    footer_sent_at=footer,
+                    created_at=1.0,
+                    updated_at=1.0,
+                )
+            )
+        # Ada: STOP, then START (recorded out of order), then marketing in; orders switched off.
+        consent.record(conn, runtime.vault, ada, scope="all", action="opt_in", source="t", at=20)
+        consent.record(conn, runtime.vault, ada, scope="all", action="opt_out", source="t", at=10)
+        consent.record(
+            conn, runtime.vault, ada, scope="marketing", action="opt_in", source="t", at=30
+        )
+        consent.set_preference(conn, ada, "orders", False)
+        consent.set_preference(conn, ada, "shipping", True)
+        consent.record(conn, runtime.vault, bob, scope="all", action="opt_out", source="t", at=10)
+    with runtime.engine.connect() as conn:
+        found = consent.numbers(conn, [ada, bob, new, ada])
+    assert set(found) == {ada, bob, new}
+    a, b, n = found[ada], found[bob], found[new]
+    assert (a.known, a.invalid_reason, a.footer_sent_at, a.off) == (
+        True,
+        None,
+        5.0,
+        frozenset({"orders"}),
+    )
+    assert (a.consent.transactional, a.consent.marketing) == ("allowed", "opted_in")
+    assert (b.known, b.invalid_reason, b.consent.opted_out, b.off) == (
+        True,
+        "provider:30006",
+        True,
+        frozenset(),
+    )
+    assert (n.known, n.invalid_reason, n.footer_sent_at, n.consent.opted_out, n.off) == (
+        False,
+        None,
+        None,
+        False,
+        frozenset(),
+    )

@@ -285,3 +285,31 @@ def test_a_window_of_one_marks_one_message_at_a_time(runtime_factory, fake_twili
         fake_twilio.wait_for(lambda: len(fake_twilio.messages) == 3)
     finally:
         worker.stop()
+
+
+def test_stop_confirmation_goes_out_beside_a_skipped_message_in_the_same_batch(
+    runtime_factory, fake_twilio
+):
+    from types import SimpleNamespace
+
+    from txsms.core.providers import InboundMessage
+    from txsms.core.returnpath import REPLY_KIND, _queue_reply
+
+    runtime = runtime_factory(provider=twilio_section(fake_twilio))
+    ingest(runtime, [event("k1")])  # queued before the STOP
+    index = runtime.vault.index(PHONE)
+    with runtime.engine.begin() as conn:
+        consent.record(conn, runtime.vault, index, scope="all", action="opt_out", source="sms")
+        inbound = InboundMessage(sender=PHONE, text="STOP", provider_message_id="SMin1")
+        provider = SimpleNamespace(name="twilio")
+        _queue_reply(runtime, conn, provider, PHONE, index, "You are unsubscribed.", inbound)
+    worker = Worker(runtime)
+    assert worker.run_once() == 2  # one claimed batch holds both
+    assert [r.form["Body"] for r in fake_twilio.requests] == ["You are unsubscribed."]
+    assert (message(runtime, "k1").status, message(runtime, "k1").reason) == (
+        "skipped",
+        "opted_out",
+    )
+    with runtime.engine.connect() as conn:
+        reply = conn.execute(select(messages).where(messages.c.kind == REPLY_KIND)).one()
+    assert reply.status == "sent"
