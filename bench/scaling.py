@@ -46,7 +46,6 @@ def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
 
 
 def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
-    from txsms.core.notify import notify_outbox
     from txsms.core.storage import messages
 
     config = tmp / f"scaling-{processes}.toml"
@@ -74,10 +73,12 @@ def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
         cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
         with rt.engine.begin() as conn:
             started = time.time()
+            # Setting the status (unchanged) fires the NOTIFY trigger that wakes the workers.
             conn.execute(
-                messages.update().where(messages.c.send_at == HELD).values(send_at=started)
+                messages.update()
+                .where(messages.c.send_at == HELD)
+                .values(send_at=started, status="pending")
             )
-            notify_outbox(conn)
         deadline = time.monotonic() + 300
         while send.count_status(rt.engine, "pending", "sending") and time.monotonic() < deadline:
             time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`

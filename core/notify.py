@@ -1,9 +1,9 @@
 """Waking idle workers: LISTEN/NOTIFY on PostgreSQL, an in-process signal otherwise.
 
-Receivers and workers may be different processes on different hosts. On PostgreSQL a commit
-that queues work also NOTIFYs `txsms_outbox` (delivered only if the transaction commits), and
-each worker process LISTENs and wakes at once; the poll (`worker.poll_seconds`) stays as the
-fallback for anything missed.
+Receivers and workers may be different processes on different hosts. On PostgreSQL a trigger
+on `messages` NOTIFYs `txsms_outbox` whenever a row becomes pending or deferred (delivered only
+if the transaction commits; migration 0002), and each worker process LISTENs and wakes at once;
+the poll (`worker.poll_seconds`) stays as the fallback for anything missed.
 """
 
 from __future__ import annotations
@@ -11,16 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "txsms_outbox"
-
-
-def notify_outbox(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
 
 
 class PgListener:

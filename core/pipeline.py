@@ -15,14 +15,24 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import (
+    Connection,
+    Row,
+    bindparam,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    tuple_,
+    union_all,
+)
 
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
 from txsms.core.events import MESSAGE_KINDS, Event, Recipient
 from txsms.core.groupcommit import GroupCommitter
 from txsms.core.metrics import DECISIONS, EVENTS, platform_of
-from txsms.core.notify import notify_outbox
 from txsms.core.phones import Phone, PhoneError, normalize
 from txsms.core.policy import quiet_until
 from txsms.core.redact import redact_phone
@@ -141,9 +151,35 @@ def _ingest_group(
             out.append(None)
             continue
         out.append([_ingest_one(runtime, conn, event, now, lookups) for event in request.batch])
-    if any(d.status in ("pending", "deferred") for r in out if r for x in r for d in x.messages):
-        notify_outbox(conn)  # wakes workers in other processes, once this commits
     return out
+
+
+_CONTEXT_COLUMNS = (
+    literal_column("'order'").label("part"),
+    order_context.c.source,
+    order_context.c.order_ref,
+    order_context.c.context_enc,
+    order_context.c.last_modified.label("at"),
+)
+_CONTEXT_OF = select(*_CONTEXT_COLUMNS).where(
+    order_context.c.source == bindparam("source"),
+    order_context.c.order_ref == bindparam("ref"),
+)
+# `at`: an order's last modification, or when a source was disabled (None: it is not).
+_CONTEXTS_AND_SOURCES = union_all(
+    select(*_CONTEXT_COLUMNS).where(
+        tuple_(order_context.c.source, order_context.c.order_ref).in_(
+            bindparam("orders", expanding=True)
+        )
+    ),
+    select(
+        literal_column("'source'"),
+        sources.c.source,
+        null(),
+        null(),
+        sources.c.disabled_at,
+    ).where(sources.c.source.in_(bindparam("names", expanding=True))),
+)
 
 
 class _Lookups:
@@ -162,12 +198,31 @@ class _Lookups:
         self.sources: dict[str, bool] = {}
         indexes = {runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])}
         self.numbers = consent.numbers(conn, list(indexes))
+        # The orders' stored context and whether the sources are disabled: one query.
+        orders = list({(e.source, e.order.ref) for e in batch if e.order is not None})
+        names = list({e.source for e in batch if e.kind in MESSAGE_KINDS})
+        self.contexts: dict[tuple[str, str], Row | None] = dict.fromkeys(orders)
+        if orders or names:
+            for row in conn.execute(_CONTEXTS_AND_SOURCES, {"orders": orders, "names": names}):
+                if row.part == "order":
+                    self.contexts[(row.source, row.order_ref)] = row
+                else:
+                    self.sources[row.source] = row.at is not None
+            self.sources.update({name: False for name in names if name not in self.sources})
 
     def phone(self, event: Event) -> tuple[Phone | None, str | None]:
         key = (event.recipient.phone, event.recipient.country)
         if key not in self._phones:
             self._phones[key] = _parse_phone(self.runtime, event)
         return self._phones[key]
+
+    def context(self, source: str, ref: str) -> Row | None:
+        """The stored context of an order (None: never seen)."""
+        if (source, ref) not in self.contexts:
+            self.contexts[(source, ref)] = self.conn.execute(
+                _CONTEXT_OF, {"source": source, "ref": ref}
+            ).first()
+        return self.contexts[(source, ref)]
 
     def number(self, index: str) -> consent.Number:
         if index not in self.numbers:
@@ -193,7 +248,7 @@ def _ingest_one(
 ) -> IngestResult:
     context = None
     if event.order is not None:
-        context = _order_context(runtime, conn, event)
+        context = _order_context(runtime, event, lookups.context(event.source, event.order.ref))
         if context is not None and context.stale:
             return IngestResult(event.key, "stale", "")
         event = context.event if context is not None else event
@@ -241,10 +296,12 @@ def _ingest_one(
                 )
                 .values(last_modified=event.order.modified_at, updated_at=now)
             )
+            lookups.contexts.pop((event.source, event.order.ref), None)
         return IngestResult(event.key, "duplicate", existing)
     result = IngestResult(event.key, "accepted", event_id)
     if context is not None:
         _save_order_context(runtime, conn, event, index, context, now)
+        lookups.contexts.pop((event.source, event.order.ref), None)  # read again if needed
 
     if phone is not None and not lookups.number(index).known:
         _remember_recipient(runtime, conn, phone, index, now)
@@ -263,6 +320,7 @@ def _ingest_one(
         lookups.forget(index)
     if event.kind == "privacy.redact":
         lookups.forget(index)
+        lookups.contexts.clear()  # erasure may remove orders' context
         counts = privacy.erase(
             conn,
             index,
@@ -317,17 +375,13 @@ class _Context:
     last_modified: float | None
 
 
-def _order_context(runtime: Runtime, conn: Connection, event: Event) -> _Context:
-    """Fill what a later delivery lacks from what earlier deliveries of the order said."""
+def _order_context(runtime: Runtime, event: Event, row: Row | None) -> _Context:
+    """Fill what a later delivery lacks from what earlier deliveries of the order said
+    (`row`: the order's stored context)."""
     order = event.order
-    row = conn.execute(
-        select(order_context).where(
-            order_context.c.source == event.source, order_context.c.order_ref == order.ref
-        )
-    ).first()
     if row is None:
         return _Context(event, False, False, order.modified_at)
-    last = row.last_modified
+    last = row.at
     if order.modified_at is not None and last is not None and order.modified_at < last:
         return _Context(event, True, True, last)
     stored = runtime.vault.decrypt_json(row.context_enc) or {}
@@ -341,7 +395,7 @@ def _order_context(runtime: Runtime, conn: Connection, event: Event) -> _Context
             **{k: v for k, v in recipient.__dict__.items() if v is not None and k != "phone"},
         )
     data = _deep_merge(stored.get("data") or {}, event.data)
-    modified = max(filter(None, (order.modified_at, row.last_modified)), default=None)
+    modified = max(filter(None, (order.modified_at, row.at)), default=None)
     # A skip decided for the whole order (a test order) holds for its later events too.
     skip = event.skip or stored.get("skip")
     return _Context(

@@ -17,7 +17,6 @@ from sqlalchemy import Connection, select
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import INBOUND, RECEIPTS
-from txsms.core.notify import notify_outbox
 from txsms.core.phones import PhoneError, normalize
 from txsms.core.providers import InboundMessage, Provider, StatusReport
 from txsms.core.redact import redact_phone
@@ -114,7 +113,6 @@ def handle_inbound(runtime: Runtime, provider: Provider, msg: InboundMessage) ->
             reply = reply.format(name=sender.name)
             if provider.inbound_response(reply) is None:
                 _queue_reply(runtime, conn, provider, e164, index, reply, msg)
-                notify_outbox(conn)
     if kind:
         log.info("inbound %s from %s via %s", kind, redact_phone(e164), provider.name)
     if reply and provider.inbound_response(reply) is None:

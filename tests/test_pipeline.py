@@ -353,3 +353,49 @@ def test_a_message_that_would_go_after_it_expires_is_skipped(runtime_factory):
     )
     ingest(runtime, [reminder])  # quiet hours would hold it until 08:00, after the start
     assert (rows(runtime)[0].status, rows(runtime)[0].reason) == ("skipped", "expired")
+
+
+def test_postgresql_notifies_workers_when_a_message_becomes_due_and_only_then(
+    runtime_factory, database_url
+):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; SQLite wakes workers in-process")
+    import psycopg
+
+    from txsms.core.notify import CHANNEL
+
+    runtime = runtime_factory()
+    conninfo = runtime.engine.url.set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+
+        def payloads_until(sentinel: str) -> list[str]:
+            """What arrived up to a NOTIFY sent after everything before it committed."""
+            with runtime.engine.begin() as conn:
+                conn.exec_driver_sql(f"NOTIFY {CHANNEL}, '{sentinel}'")
+            seen = []
+            for note in listener.notifies(timeout=10):
+                if note.payload == sentinel:
+                    return seen
+                seen.append(note.payload)
+            raise AssertionError(f"{sentinel} never arrived")
+
+        [result] = ingest(runtime, [_event("order:7:created")])
+        assert result.messages[0].status == "pending"
+        assert payloads_until("after-ingest") == [""]  # once per commit, by the trigger
+        with runtime.engine.begin() as conn:
+            conn.execute(messages.update().values(status="sent"))
+        assert payloads_until("after-sent") == []  # nothing due: no wake-up
+        with runtime.engine.begin() as conn:
+            conn.execute(messages.update().values(status="pending", reason="retry"))
+        assert payloads_until("after-retry") == [""]
+
+
+def _event(key: str) -> Event:
+    return Event(
+        source="api",
+        kind="order.created",
+        key=key,
+        recipient=Recipient(phone="+14155550100", name="Ada"),
+        data={"order": {"number": "#7", "total": "$5.00"}},
+    )
