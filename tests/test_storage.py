@@ -4,6 +4,7 @@ WAL with the configured durability, and insert_ignore tells an insert from a con
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from contextlib import closing
 
@@ -108,6 +109,42 @@ def test_sqlite_runs_in_wal_with_full_synchronous_by_default(tmp_path, sqlite_ur
     # WAL is a property of the file: a plain connection without txsms's pragmas sees it too.
     with closing(sqlite3.connect(tmp_path / "txsms.db")) as plain:
         assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_writer_waits_for_the_lock_then_proceeds(tmp_path, sqlite_url):
+    engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
+    storage.upgrade(engine)
+    holder = engine.connect()
+    holder.begin()  # BEGIN IMMEDIATE: the write lock is held
+    released = threading.Event()
+
+    def release_soon():
+        released.wait(5)
+        time.sleep(0.05)  # holds the lock a moment into the other's wait
+        holder.commit()
+
+    thread = threading.Thread(target=release_soon)
+    thread.start()
+    try:
+        raw = engine.raw_connection()
+        try:
+            # Held: a short wait gives up with SQLite's own error, nothing begun.
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                storage.begin_immediate(raw.driver_connection, timeout=0.05)
+            assert raw.driver_connection.in_transaction is False
+            released.set()  # the holder commits while the next try is waiting
+            storage.begin_immediate(raw.driver_connection)
+            assert raw.driver_connection.in_transaction is True
+            # Other statements keep SQLite's own 30-second wait.
+            assert raw.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+            raw.driver_connection.execute("ROLLBACK")
+        finally:
+            raw.close()
+    finally:
+        released.set()
+        thread.join()
+        holder.close()
+        engine.dispose()
 
 
 @pytest.mark.parametrize(("setting", "expected"), [("normal", 1), ("EXTRA", 3), ("off", 0)])
