@@ -1,6 +1,12 @@
 """Send scaling on PostgreSQL: messages/s from N `txsms worker --concurrency 2` processes (the
-README's scale-out) to the fake Twilio, against a bare `requests.Session` loop POSTing the same
-form bodies to the same fake, measured just before on the same queue.
+README's scale-out) to the fake Twilio answering in `DELAY`, against two bare
+`requests.Session` loops (a worker's two threads) POSTing the same form bodies to the same fake,
+measured just before on the same queue.
+
+The fake answers after a delay, as a provider's API does, so that a worker is held up by the
+provider and not by this machine's two cores, which the fake and PostgreSQL share with the
+workers: with an instant fake one worker already keeps the machine busy, and a second cannot
+show whether workers get in each other's way (claims, the shared rate row, NOTIFY).
 
 The messages are queued through the real pipeline and held (`send_at` far ahead) while the
 workers start; one UPDATE (and NOTIFY) releases them all, and the rate runs from that moment to
@@ -22,6 +28,8 @@ from bench.common import TXSMS, cpu_seconds, database, security_section, start, 
 from bench.fake_provider import provider_section
 
 HELD = 1e12  # a send_at no claim reaches: queued, not yet released
+DELAY = 0.02  # seconds the fake takes to answer (a real provider takes 100-300 ms)
+THREADS = 2  # txsms worker --concurrency, and the bare loops beside it
 POLL = 0.1  # worker.poll_seconds: the fallback should LISTEN not be connected yet
 
 
@@ -38,7 +46,7 @@ def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
         rt = send.runtime(url, fake_url, tmp)
         try:
             send.fill(rt, args.messages)
-            bare = send.bare(fake_url, send.forms(rt))
+            bare = send.bare(fake_url, send.forms(rt), threads=THREADS)
             _hold(rt)
             return _workers(rt, url, fake_url, tmp, processes, args.messages, bare)
         finally:
@@ -65,7 +73,7 @@ def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
         procs = []
         for n in range(processes):
             log = tmp / f"scaling-{processes}-{n}.log"
-            proc = start([TXSMS, "worker", "--concurrency", "2"], log, env=env)
+            proc = start([TXSMS, "worker", "--concurrency", str(THREADS)], log, env=env)
             stack.callback(stop, proc)
             procs.append((proc, log))
         for proc, log in procs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,18 +79,24 @@ def forms(rt) -> list[dict[str, str]]:
     ]
 
 
-def bare(fake_url: str, bodies: list[dict[str, str]]) -> Result:
+def bare(fake_url: str, bodies: list[dict[str, str]], threads: int = 1) -> Result:
+    """POST `bodies` from `threads` loops, each with a `requests.Session` of its own."""
     url = f"{fake_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
-    errors = 0
-    with requests.Session() as session:
-        session.auth = (ACCOUNT_SID, AUTH_TOKEN)
-        session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
-        started = time.perf_counter()
-        for form in bodies:
-            resp = session.post(url, data=form, timeout=(5, 10), allow_redirects=False)
-            errors += resp.status_code != 201 or not resp.json().get("sid")
-        elapsed = time.perf_counter() - started
-    return Result(len(bodies) / elapsed, errors)
+    errors = [0] * threads
+
+    def loop(n: int) -> None:
+        with requests.Session() as session:
+            session.auth = (ACCOUNT_SID, AUTH_TOKEN)
+            session.headers.update({"User-Agent": "txsms/0.1", "Accept": "application/json"})
+            for form in bodies[n::threads]:
+                resp = session.post(url, data=form, timeout=(5, 10), allow_redirects=False)
+                errors[n] += resp.status_code != 201 or not resp.json().get("sid")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    elapsed = time.perf_counter() - started
+    return Result(len(bodies) / elapsed, sum(errors))
 
 
 def worker(rt, concurrency: int, count: int, timeout: float = 300.0) -> Result:
