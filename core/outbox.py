@@ -55,25 +55,16 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
 # Built once: the columns to set travel as parameters, so SQLAlchemy compiles each shape once
 # and the worker's hot path does not rebuild statements for every message.
 _UPDATE = messages.update().where(messages.c.id == bindparam("_id"))
-_MARK_IN_FLIGHT = (
-    messages.update()
-    .where(
-        messages.c.id.in_(bindparam("_ids", expanding=True)),
-        messages.c.claimed_by == bindparam("_claim"),
-        messages.c.status == "sending",
-    )
-    .values(in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now"))
-    .returning(messages.c.id)
+# The rows of a claim that are still ours (a lease that ran out may have been taken over).
+_STILL_CLAIMED = messages.update().where(
+    messages.c.id.in_(bindparam("_ids", expanding=True)),
+    messages.c.claimed_by == bindparam("_claim"),
+    messages.c.status == "sending",
 )
-_UNMARK = (
-    messages.update()
-    .where(
-        messages.c.id.in_(bindparam("_ids", expanding=True)),
-        messages.c.claimed_by == bindparam("_claim"),
-        messages.c.status == "sending",
-    )
-    .values(in_flight=False, updated_at=bindparam("_now"))
-)
+_MARK_IN_FLIGHT = _STILL_CLAIMED.values(
+    in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now")
+).returning(messages.c.id)
+_UNMARK = _STILL_CLAIMED.values(in_flight=False, updated_at=bindparam("_now"))
 
 
 def update(conn: Connection, message_id: str, **values) -> None:
