@@ -37,6 +37,7 @@ from txsms.core.storage import messages, recipients
 log = logging.getLogger(__name__)
 
 MAINTENANCE_SECONDS = 30.0
+WINDOW_SECONDS = 0.05
 
 _FOOTER_SENT = (
     recipients.update()
@@ -80,8 +81,12 @@ class Worker:
         self.lease = config.worker.lease_seconds
         # How many messages one durable commit marks in flight. After a crash up to two
         # windows per thread are `unknown`; where the provider can be asked, looking each one
-        # up settles them, so a wider window (fewer commits per message) costs nothing there.
-        self.window = config.worker.in_flight_window or (8 if self.provider.can_lookup else 1)
+        # up settles them, so a wider window costs nothing there. It only pays at high rates,
+        # where a commit per message would hold up sending: about 50 ms of sending at the
+        # configured rate (1 up to 20/s), so results are never recorded much later than sent.
+        self.window = config.worker.in_flight_window or (
+            max(1, min(8, int(rate * WINDOW_SECONDS))) if self.provider.can_lookup else 1
+        )
         self.limiter = RateLimiter(
             runtime.relaxed,
             f"provider:{config.provider.kind}",
@@ -134,7 +139,7 @@ class Worker:
             # sending, for the whole batch at once; skips are recorded in this transaction.
             ready = self._prepare(conn, rows)
         windows = [ready[n : n + self.window] for n in range(0, len(ready), self.window)]
-        sent: list[tuple] = []  # sent, the result not recorded yet
+        sent: list[tuple] = []  # (row, prepared, result, when): not recorded yet
         marked: list[tuple] = []  # committed as in flight, not sent yet
         # The next window's commit, under way: (future, window, the results it records).
         ahead: tuple[Future, list[tuple], list[tuple]] | None = None
@@ -187,7 +192,7 @@ class Worker:
             while self.limiter.late(slot):  # the commit took long: starting now could crowd
                 slot = self.limiter.acquire()  # the next slot, so take a fresh one
             row, prepared = marked.pop(0)
-            sent.append((row, prepared, self._send(prepared.message)))
+            sent.append((row, prepared, self._send(prepared.message), time.time()))
         return True
 
     def _in_flight(self, sent: list[tuple], window: list[tuple], claim: str, conn) -> set[str]:
@@ -306,19 +311,19 @@ class Worker:
                     "_id": row.id,
                     "status": "sent",
                     "reason": None,
-                    "sent_at": now,
-                    "finished_at": now,
+                    "sent_at": at,
+                    "finished_at": at,
                     "segments": result.segments or prepared.message.segments,
                     "updated_at": now,
                     **self._result_columns(result),
                 }
-                for row, prepared, result in accepted
+                for row, prepared, result, at in accepted
             ],
         )
-        footers = [{"_index": p.index} for _, p, _ in accepted if p.with_footer and p.index]
+        footers = [{"_index": p.index} for _, p, _, _ in accepted if p.with_footer and p.index]
         if footers:
             conn.execute(_FOOTER_SENT, [{**f, "_now": now} for f in footers])
-        for row, prepared, result in accepted:
+        for row, prepared, result, _ in accepted:
             MESSAGES.labels("sent", "").inc()
             log.info(
                 "message %s sent to %s (%s)",
@@ -326,9 +331,9 @@ class Worker:
                 redact_phone(prepared.message.to),
                 result.provider_message_id,
             )
-        for row, prepared, result in sent:
+        for row, prepared, result, at in sent:
             if result.outcome is not Outcome.SENT:
-                self._record(conn, row, prepared, result)
+                self._record(conn, row, prepared, result, at)
 
     @staticmethod
     def _result_columns(result: ProviderResult) -> dict:
@@ -341,9 +346,9 @@ class Worker:
             "error_text": (result.error_text or None) and result.error_text[:500],
         }
 
-    def _record(self, conn, row, prepared: Prepared, result: ProviderResult) -> None:
-        """Record one result other than "sent" (those go through `_record_all`)."""
-        now = time.time()
+    def _record(self, conn, row, prepared: Prepared, result: ProviderResult, now: float) -> None:
+        """Record one result other than "sent" (those go through `_record_all`); `now`: when
+        the provider answered."""
         common = self._result_columns(result)
         if result.segments:
             common["segments"] = result.segments

@@ -217,9 +217,11 @@ def test_kill_9_loses_nothing_and_sends_nothing_twice(tmp_path, server_factory, 
 
 
 def test_kill_9_mid_window_settles_every_marked_message_once(tmp_path, server_factory, fake_twilio):
-    # Twilio can be asked about a message, so the worker marks eight at a time in flight.
+    # Twilio can be asked about a message, so the worker may mark several at a time in flight.
     config = base_config(
-        tmp_path, provider=twilio_section(fake_twilio), worker={"unknown_grace_seconds": 0}
+        tmp_path,
+        provider=twilio_section(fake_twilio),
+        worker={"unknown_grace_seconds": 0, "in_flight_window": 8},
     )
     server = server_factory(tmp_path, config).start()
     fake_twilio.script(Delay(30.0))  # the first request hangs at the provider

@@ -241,19 +241,27 @@ def _in_flight(runtime) -> list[bool]:
         return [r[0] for r in conn.execute(select(messages.c.in_flight))]
 
 
-def test_in_flight_window_is_wider_only_where_the_provider_can_be_asked(
+def test_in_flight_window_is_wider_only_at_high_rates_where_the_provider_can_be_asked(
     runtime_factory, fake_twilio
 ):
-    twilio = runtime_factory(provider=twilio_section(fake_twilio))
-    assert Worker(twilio).window == 8  # a crash's window is settled by looking each one up
+    def window(rate: float, provider: dict | None = None, **worker) -> int:
+        provider = provider or twilio_section(fake_twilio)
+        runtime = runtime_factory(provider={**provider, "rate_per_second": rate}, worker=worker)
+        return Worker(runtime).window
+
+    # About 50 ms of sending per commit, 1 up to 8: a crash's window is settled by looking
+    # each message up, and at low rates a commit per message costs nothing.
+    assert [window(rate) for rate in (1, 10, 40, 100, 1000)] == [1, 1, 2, 5, 8]
     vonage = {"kind": "vonage", "api_key": "k", "api_secret": "s", "from": "TXSMS"}
-    assert Worker(runtime_factory(provider=vonage)).window == 1  # no look-up: one at a time
-    strict = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 1})
-    assert Worker(strict).window == 1
+    assert window(1000, vonage) == 1  # no look-up: one message in flight at a time
+    assert window(1000, in_flight_window=1) == 1
+    assert window(1, in_flight_window=3) == 3
 
 
 def test_a_window_is_marked_in_flight_before_its_first_request(runtime_factory, fake_twilio):
-    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"lease_seconds": 0.5})
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio), worker={"lease_seconds": 0.5, "in_flight_window": 8}
+    )
     keys = [f"k{n}" for n in range(5)]
     ingest(runtime, [event(key) for key in keys])
     fake_twilio.script(Delay(1.0))
@@ -313,3 +321,15 @@ def test_stop_confirmation_goes_out_beside_a_skipped_message_in_the_same_batch(
     with runtime.engine.connect() as conn:
         reply = conn.execute(select(messages).where(messages.c.kind == REPLY_KIND)).one()
     assert reply.status == "sent"
+
+
+def test_a_window_records_when_each_message_was_sent(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 8})
+    keys = [f"k{n}" for n in range(3)]
+    ingest(runtime, [event(key) for key in keys])
+    fake_twilio.script(Reply(), Reply(), Delay(0.5))  # the last answer takes half a second
+    worker = Worker(runtime)
+    assert worker.run_once() == 3  # one window: all three results recorded together
+    first, _, last = (message(runtime, key) for key in keys)
+    assert (first.status, last.status) == ("sent", "sent")
+    assert last.sent_at - first.sent_at >= 0.5  # the answers' times, not the commit's
