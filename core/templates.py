@@ -4,7 +4,6 @@ the data comes from store platforms) with StrictUndefined (a typo such as `order
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -108,12 +107,14 @@ def build_context(
 
 
 def _merge(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
+    """A new dict at every level both sides have one; other values are shared, not copied
+    (the sandbox cannot change them, and only `customer` is changed here, in a new dict)."""
+    out = dict(base)
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         elif value is not None or key not in out:  # a platform's null keeps "", never "None"
-            out[key] = copy.deepcopy(value)
+            out[key] = value
     return out
 
 
