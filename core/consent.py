@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, literal_column, null, select, union_all
+from sqlalchemy import Connection, literal_column, null, select, union_all
 
 from txsms.core.crypto import Vault
-from txsms.core.storage import consent_ledger, preferences, recipients
+from txsms.core.storage import DIALECTS, any_of, consent_ledger, preferences, recipients
 
 SCOPES = ("all", "marketing")
 ACTIONS = ("opt_out", "opt_in")
@@ -130,37 +130,37 @@ def _part(name: str):
     return literal_column(f"'{name}'").label("part")
 
 
-def _in(column, name: str):
-    return column.in_(bindparam(name, expanding=True))
+def _numbers_of(dialect: str):
+    """The recipient row, the ledger and the preferences of many numbers in one round trip."""
+    return union_all(
+        select(
+            _part("recipient"),
+            recipients.c.phone_index,
+            recipients.c.invalid_reason.label("a"),
+            null().label("b"),
+            recipients.c.footer_sent_at.label("at"),
+            literal_column("0").label("seq"),
+        ).where(any_of(recipients.c.phone_index, "r", dialect)),
+        select(
+            _part("ledger"),
+            consent_ledger.c.phone_index,
+            consent_ledger.c.scope,
+            consent_ledger.c.action,
+            consent_ledger.c.created_at,
+            consent_ledger.c.id,
+        ).where(any_of(consent_ledger.c.phone_index, "l", dialect)),
+        select(
+            _part("off"),
+            preferences.c.phone_index,
+            preferences.c.category,
+            null(),
+            null(),
+            literal_column("0"),
+        ).where(any_of(preferences.c.phone_index, "p", dialect), preferences.c.enabled.is_(False)),
+    )
 
 
-# The recipient row, the ledger and the preferences of many numbers in one round trip.
-_NUMBERS_OF = union_all(
-    select(
-        _part("recipient"),
-        recipients.c.phone_index,
-        recipients.c.invalid_reason.label("a"),
-        null().label("b"),
-        recipients.c.footer_sent_at.label("at"),
-        literal_column("0").label("seq"),
-    ).where(_in(recipients.c.phone_index, "r")),
-    select(
-        _part("ledger"),
-        consent_ledger.c.phone_index,
-        consent_ledger.c.scope,
-        consent_ledger.c.action,
-        consent_ledger.c.created_at,
-        consent_ledger.c.id,
-    ).where(_in(consent_ledger.c.phone_index, "l")),
-    select(
-        _part("off"),
-        preferences.c.phone_index,
-        preferences.c.category,
-        null(),
-        null(),
-        literal_column("0"),
-    ).where(_in(preferences.c.phone_index, "p"), preferences.c.enabled.is_(False)),
-)
+_NUMBERS_OF = {dialect: _numbers_of(dialect) for dialect in DIALECTS}
 
 
 def numbers(conn: Connection, indexes: list[str]) -> dict[str, Number]:
@@ -168,7 +168,7 @@ def numbers(conn: Connection, indexes: list[str]) -> dict[str, Number]:
     if not indexes:
         return {}
     unique = list(set(indexes))
-    rows = conn.execute(_NUMBERS_OF, {"r": unique, "l": unique, "p": unique})
+    rows = conn.execute(_NUMBERS_OF[conn.dialect.name], {"r": unique, "l": unique, "p": unique})
     people: dict[str, tuple] = {}
     ledgers: dict[str, list[tuple]] = {i: [] for i in unique}
     off: dict[str, set[str]] = {i: set() for i in unique}

@@ -24,7 +24,6 @@ from sqlalchemy import (
     null,
     or_,
     select,
-    tuple_,
     union_all,
 )
 
@@ -38,6 +37,8 @@ from txsms.core.policy import quiet_until
 from txsms.core.redact import redact_phone
 from txsms.core.runtime import Runtime
 from txsms.core.storage import (
+    DIALECTS,
+    any_of,
     deliveries,
     events,
     insert_ignore,
@@ -165,21 +166,29 @@ _CONTEXT_OF = select(*_CONTEXT_COLUMNS).where(
     order_context.c.source == bindparam("source"),
     order_context.c.order_ref == bindparam("ref"),
 )
-# `at`: an order's last modification, or when a source was disabled (None: it is not).
-_CONTEXTS_AND_SOURCES = union_all(
-    select(*_CONTEXT_COLUMNS).where(
-        tuple_(order_context.c.source, order_context.c.order_ref).in_(
-            bindparam("orders", expanding=True)
-        )
-    ),
-    select(
-        literal_column("'source'"),
-        sources.c.source,
-        null(),
-        null(),
-        sources.c.disabled_at,
-    ).where(sources.c.source.in_(bindparam("names", expanding=True))),
-)
+
+
+def _contexts_and_sources(dialect: str):
+    """Orders' stored context and sources' state, one round trip. `at`: an order's last
+    modification, or when a source was disabled (None: it is not). The orders are asked by
+    source and by reference separately (no row-value IN, which SQLite and arrays lack): rows
+    of other pairs that match both are dropped by the caller."""
+    return union_all(
+        select(*_CONTEXT_COLUMNS).where(
+            any_of(order_context.c.source, "order_sources", dialect),
+            any_of(order_context.c.order_ref, "order_refs", dialect),
+        ),
+        select(
+            literal_column("'source'"),
+            sources.c.source,
+            null(),
+            null(),
+            sources.c.disabled_at,
+        ).where(any_of(sources.c.source, "names", dialect)),
+    )
+
+
+_CONTEXTS_AND_SOURCES = {dialect: _contexts_and_sources(dialect) for dialect in DIALECTS}
 
 
 class _Lookups:
@@ -203,11 +212,16 @@ class _Lookups:
         names = list({e.source for e in batch if e.kind in MESSAGE_KINDS})
         self.contexts: dict[tuple[str, str], Row | None] = dict.fromkeys(orders)
         if orders or names:
-            for row in conn.execute(_CONTEXTS_AND_SOURCES, {"orders": orders, "names": names}):
-                if row.part == "order":
-                    self.contexts[(row.source, row.order_ref)] = row
-                else:
+            params = {
+                "order_sources": list({source for source, _ in orders}),
+                "order_refs": list({ref for _, ref in orders}),
+                "names": names,
+            }
+            for row in conn.execute(_CONTEXTS_AND_SOURCES[conn.dialect.name], params):
+                if row.part == "source":
                     self.sources[row.source] = row.at is not None
+                elif (row.source, row.order_ref) in self.contexts:  # asked for, not a cross
+                    self.contexts[(row.source, row.order_ref)] = row
             self.sources.update({name: False for name in names if name not in self.sources})
 
     def phone(self, event: Event) -> tuple[Phone | None, str | None]:

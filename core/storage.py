@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import (
+    ARRAY,
     Boolean,
     Column,
     Engine,
@@ -26,6 +27,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    any_,
+    bindparam,
     create_engine,
     event,
     make_url,
@@ -288,6 +291,20 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+DIALECTS = ("sqlite", "postgresql")
+
+
+def any_of(column, name: str, dialect: str):
+    """`column` is one of the values of the list parameter `name`.
+
+    PostgreSQL takes the list as one array: one prepared statement whatever its length, and
+    nothing re-rendered per call. SQLite has no arrays: it gets `IN (?, ?, …)`.
+    """
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 def insert_ignore(conn, table: Table, values: dict, conflict: list[str]) -> bool:

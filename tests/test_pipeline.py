@@ -312,6 +312,33 @@ def test_a_later_event_without_a_number_is_addressed_from_the_order(runtime):
     assert rows(runtime, idempotency_key="s|r2|order.refunded")[0].reason == "unknown_order"
 
 
+def test_a_batch_reads_each_orders_own_context_not_another_shops(runtime):
+    from txsms.core.events import OrderRef
+
+    def created(source: str, ref: str, phone: str | None) -> Event:
+        return Event(
+            source=source,
+            kind="order.created",
+            key=f"{ref}:created",
+            recipient=Recipient(phone=phone),
+            data={"order": {"number": f"#{ref}"}},
+            order=OrderRef(ref=ref),
+        )
+
+    def refunded(source: str, ref: str) -> Event:
+        return Event(source=source, kind="order.refunded", key=f"{ref}:r", order=OrderRef(ref=ref))
+
+    ingest(runtime, [created("a", "1", "+14155550100"), created("b", "2", "+14155550101")])
+    # One batch asks for (a, 2) and (b, 1): the stored (a, 1) and (b, 2) match each half of
+    # the question, and neither may stand in for the other.
+    ingest(runtime, [refunded("a", "2"), refunded("b", "1"), refunded("b", "2")])
+    assert rows(runtime, idempotency_key="a|2:r|order.refunded")[0].reason == "unknown_order"
+    assert rows(runtime, idempotency_key="b|1:r|order.refunded")[0].reason == "unknown_order"
+    known = rows(runtime, idempotency_key="b|2:r|order.refunded")[0]
+    assert known.status == "pending"
+    assert runtime.vault.decrypt(known.to_enc) == "+14155550101"
+
+
 def test_privacy_requests_keep_no_payload_and_export_by_order(runtime, tmp_path):
     from txsms.core.events import OrderRef
 
