@@ -55,8 +55,8 @@ def normalize(raw: str | None, default_region: str, country_hint: str | None = N
 
 
 # A webhook's number is parsed twice (the connector checks it is usable, the pipeline parses
-# it for good) and a shop's customers come back; parsing costs more than the rest of a
-# request's Python, so the last few hundred results are kept. Process memory only.
+# it for good) and a shop's customers come back; parsing is among the dearest steps of a
+# request, so the last few hundred results are kept. Process memory only.
 @functools.lru_cache(maxsize=512)
 def _parse(raw: str, region: str | None) -> Phone | str:
     """The Phone, or the reason it is not one."""
