@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, false, or_, select
 
+from txsms.core import consent
 from txsms.core.crypto import Vault
 from txsms.core.storage import (
     consent_ledger,
@@ -149,17 +150,7 @@ def collect(
         }
         for r in conn.execute(select(messages).where(*scoped(messages)))
     ]
-    data["consent"] = [
-        {
-            "scope": r.scope,
-            "action": r.action,
-            "source": r.source,
-            "at": r.created_at,
-            "evidence": vault.decrypt_json(r.evidence_enc),
-        }
-        for r in conn.execute(select(consent_ledger).where(consent_ledger.c.phone_index == index))
-        if index is not None
-    ]
+    data["consent"] = consent.ledger(conn, vault, index) if index is not None else []
     data["orders"] = [
         {
             "source": r.source,

@@ -409,7 +409,7 @@ def test_every_qualifying_record_once_across_polls_late_records_429_and_a_crash(
         lost = [hub.upsert("deals", dealstage="closedlost", phone=PHONE) for _ in range(5)]
         # Updated now, but search shows the update only in 1.5 s: the next poll misses it.
         late = hub.upsert("deals", dealstage="closedwon", phone=PHONE, visible_after=1.5)
-        time.sleep(0.05)
+        time.sleep(0.05)  # not a wait: the next record must be modified after `late`
         hub.upsert("deals", dealstage="closedlost", phone=PHONE)  # moves the cursor past `late`
         hub.script(Reply(429, headers={"Retry-After": "1"}))
 
@@ -658,7 +658,7 @@ def test_generic_api_with_link_paging_and_basic_auth_loses_nothing(crm_runtime, 
                 customer={"phone": PHONE, "name": "Ada"},
             )
         api.upsert("late", status="paid", customer={"phone": PHONE}, visible_after=1.0)
-        time.sleep(0.05)
+        time.sleep(0.05)  # not a wait: the next record must be modified after "late"
         api.upsert("after", status="open")
         api.script(Reply(429, {"error": "slow down"}, {"Retry-After": "1"}))
 
