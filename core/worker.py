@@ -150,8 +150,10 @@ class Worker:
                 # the group committer (threads share one disk flush). With windows wider than
                 # one, the next window's commit runs while this one is sent, so it rarely
                 # holds up a request; a window of one keeps a single message in flight.
-                future = ahead[0] if ahead else self._mark(window, [], claim)
-                owned = future.result()
+                if ahead is None:
+                    ahead = (self._mark(window, sent, claim), window, sent)
+                    sent = []
+                owned = ahead[0].result()
                 ahead = None
                 marked = [(row, prepared) for row, prepared in window if row.id in owned]
                 for row, _ in window:
@@ -165,7 +167,7 @@ class Worker:
                 if not self._send_all(marked, sent):
                     break  # stopping: unsent claims go back when their lease ends
         finally:
-            if ahead is not None:  # its window was never started
+            if ahead is not None:  # its window was never started (or its commit failed)
                 future, window, handed = ahead
                 try:
                     owned = future.result()

@@ -295,6 +295,22 @@ def test_a_window_of_one_marks_one_message_at_a_time(runtime_factory, fake_twili
         worker.stop()
 
 
+def test_a_window_of_one_records_each_result_with_the_next_mark(runtime_factory, fake_twilio):
+    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 1})
+    keys = ["k0", "k1", "k2"]
+    ingest(runtime, [event(key) for key in keys])
+    fake_twilio.script(Reply(), Delay(2.0))  # the second request is held at the provider
+    worker = Worker(runtime)
+    worker.start()
+    try:
+        fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 2)
+        # The first result went with the second message's in-flight mark, not the batch's end.
+        statuses = sorted(message(runtime, key).status for key in keys)
+        assert statuses == ["sending", "sending", "sent"]
+    finally:
+        worker.stop()
+
+
 def test_stop_confirmation_goes_out_beside_a_skipped_message_in_the_same_batch(
     runtime_factory, fake_twilio
 ):
