@@ -72,7 +72,12 @@ def _parse(raw: str, region: str | None) -> Phone | str:
     kind = _KINDS.get(number_type, "other")
     if kind == "fixed_line":  # only where metadata is sure; NANP says "fixed_line_or_mobile"
         return "landline"
-    zones = tuple(z for z in pn_timezone.time_zones_for_number(number) if z != "Etc/Unknown")
+    # time_zones_for_number would work the type out a second time; we know it.
+    if phonenumbers.is_number_type_geographical(number_type, number.country_code):
+        found = pn_timezone.time_zones_for_geographical_number(number)
+    else:
+        found = pn_timezone.time_zones_for_number(number)  # the country's zones
+    zones = tuple(z for z in found if z != "Etc/Unknown")
     if len(zones) > MAX_USEFUL_ZONES or kind == "toll_free":
         zones = ()
     return Phone(
