@@ -8,10 +8,11 @@ opted out, because the blind index and the fact of the opt-out remain.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, literal_column, null, select, union_all
+from sqlalchemy import Connection, Row, Select, literal_column, null, select, union_all
 
 from txsms.core.crypto import Vault
 from txsms.core.storage import DIALECTS, any_of, consent_ledger, preferences, recipients
@@ -130,12 +131,16 @@ def _part(name: str):
     return literal_column(f"'{name}'").label("part")
 
 
-def _numbers_of(dialect: str):
-    """The recipient row, the ledger and the preferences of many numbers in one round trip."""
-    return union_all(
+def number_parts(dialect: str) -> list[Select]:
+    """The recipient row, the ledger and the switched-off categories of the numbers in the
+    list parameters `r`, `l` and `p` (`number_params`), as rows of (part, key, a, b, at, seq).
+
+    `numbers` unions them; ingest unions them with look-ups of its own of the same shape, so
+    that a webhook's reads are one round trip. `numbers_from` reads the rows back."""
+    return [
         select(
             _part("recipient"),
-            recipients.c.phone_index,
+            recipients.c.phone_index.label("key"),
             recipients.c.invalid_reason.label("a"),
             null().label("b"),
             recipients.c.footer_sent_at.label("at"),
@@ -157,27 +162,37 @@ def _numbers_of(dialect: str):
             null(),
             literal_column("0"),
         ).where(any_of(preferences.c.phone_index, "p", dialect), preferences.c.enabled.is_(False)),
-    )
+    ]
 
 
-_NUMBERS_OF = {dialect: _numbers_of(dialect) for dialect in DIALECTS}
+_NUMBERS_OF = {dialect: union_all(*number_parts(dialect)) for dialect in DIALECTS}
+
+
+def number_params(indexes: list[str]) -> dict[str, list[str]]:
+    unique = list(set(indexes))
+    return {"r": unique, "l": unique, "p": unique}
 
 
 def numbers(conn: Connection, indexes: list[str]) -> dict[str, Number]:
     """`Number`s for `indexes`, in one query: ingest and the worker look up whole batches."""
     if not indexes:
         return {}
-    unique = list(set(indexes))
-    rows = conn.execute(_NUMBERS_OF[conn.dialect.name], {"r": unique, "l": unique, "p": unique})
+    rows = conn.execute(_NUMBERS_OF[conn.dialect.name], number_params(indexes))
+    return numbers_from(indexes, rows)
+
+
+def numbers_from(indexes: list[str], rows: Iterable[Row]) -> dict[str, Number]:
+    """`Number`s for `indexes` from `number_parts`' rows; rows of other parts are skipped."""
+    unique = set(indexes)
     people: dict[str, tuple] = {}
     ledgers: dict[str, list[tuple]] = {i: [] for i in unique}
     off: dict[str, set[str]] = {i: set() for i in unique}
-    for part, index, a, b, at, seq in rows:
+    for part, index, a, b, at, seq, *_ in rows:
         if part == "recipient":
             people[index] = (a, at)
         elif part == "ledger":
             ledgers[index].append((at, seq, a, b))
-        else:
+        elif part == "off":
             off[index].add(a)
     result = {}
     for index in unique:

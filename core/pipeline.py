@@ -155,26 +155,32 @@ def _ingest_group(
     return out
 
 
-_CONTEXT_COLUMNS = (
-    literal_column("'order'").label("part"),
-    order_context.c.source,
-    order_context.c.order_ref,
-    order_context.c.context_enc,
-    order_context.c.last_modified.label("at"),
-)
-_CONTEXT_OF = select(*_CONTEXT_COLUMNS).where(
+_CONTEXT_OF = select(order_context.c.context_enc, order_context.c.last_modified.label("at")).where(
     order_context.c.source == bindparam("source"),
     order_context.c.order_ref == bindparam("ref"),
 )
 
 
-def _contexts_and_sources(dialect: str):
-    """Orders' stored context and sources' state, one round trip. `at`: an order's last
-    modification, or when a source was disabled (None: it is not). The orders are asked by
-    source and by reference separately (no row-value IN, which SQLite and arrays lack): rows
-    of other pairs that match both are dropped by the caller."""
+def _lookups(dialect: str):
+    """Everything ingest reads about a batch before writing, in one round trip: the numbers
+    (`consent.number_parts`), the orders' stored context, and the sources' state.
+
+    Rows are (part, key, a, b, at, seq, context_enc). An order: key = source, a = reference,
+    at = its last modification. A source: at = when it was disabled (None: it is not). The
+    orders are asked by source and by reference separately (no row-value IN, which SQLite and
+    arrays lack): rows of other pairs that match both are dropped by the caller."""
+    no_context = null().cast(order_context.c.context_enc.type).label("context_enc")
     return union_all(
-        select(*_CONTEXT_COLUMNS).where(
+        *(part.add_columns(no_context) for part in consent.number_parts(dialect)),
+        select(
+            literal_column("'order'"),
+            order_context.c.source,
+            order_context.c.order_ref,
+            null(),
+            order_context.c.last_modified,
+            literal_column("0"),
+            order_context.c.context_enc,
+        ).where(
             any_of(order_context.c.source, "order_sources", dialect),
             any_of(order_context.c.order_ref, "order_refs", dialect),
         ),
@@ -184,11 +190,13 @@ def _contexts_and_sources(dialect: str):
             null(),
             null(),
             sources.c.disabled_at,
+            literal_column("0"),
+            null(),
         ).where(any_of(sources.c.source, "names", dialect)),
     )
 
 
-_CONTEXTS_AND_SOURCES = {dialect: _contexts_and_sources(dialect) for dialect in DIALECTS}
+_LOOKUPS = {dialect: _lookups(dialect) for dialect in DIALECTS}
 
 
 class _Lookups:
@@ -204,25 +212,25 @@ class _Lookups:
     ):
         self.runtime, self.conn = runtime, conn
         self._phones = dict(phones or {})
-        self.sources: dict[str, bool] = {}
-        indexes = {runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])}
-        self.numbers = consent.numbers(conn, list(indexes))
-        # The orders' stored context and whether the sources are disabled: one query.
+        indexes = list({runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])})
         orders = list({(e.source, e.order.ref) for e in batch if e.order is not None})
         names = list({e.source for e in batch if e.kind in MESSAGE_KINDS})
         self.contexts: dict[tuple[str, str], Row | None] = dict.fromkeys(orders)
-        if orders or names:
-            params = {
-                "order_sources": list({source for source, _ in orders}),
-                "order_refs": list({ref for _, ref in orders}),
-                "names": names,
-            }
-            for row in conn.execute(_CONTEXTS_AND_SOURCES[conn.dialect.name], params):
-                if row.part == "source":
-                    self.sources[row.source] = row.at is not None
-                elif (row.source, row.order_ref) in self.contexts:  # asked for, not a cross
-                    self.contexts[(row.source, row.order_ref)] = row
-            self.sources.update({name: False for name in names if name not in self.sources})
+        self.sources: dict[str, bool] = dict.fromkeys(names, False)
+        params = {
+            **consent.number_params(indexes),
+            "order_sources": list({source for source, _ in orders}),
+            "order_refs": list({ref for _, ref in orders}),
+            "names": names,
+        }
+        asked = indexes or orders or names
+        rows = conn.execute(_LOOKUPS[conn.dialect.name], params).all() if asked else []
+        self.numbers = consent.numbers_from(indexes, rows)
+        for row in rows:
+            if row.part == "source":
+                self.sources[row.key] = row.at is not None
+            elif row.part == "order" and (row.key, row.a) in self.contexts:  # not a cross pair
+                self.contexts[(row.key, row.a)] = row
 
     def phone(self, event: Event) -> tuple[Phone | None, str | None]:
         key = (event.recipient.phone, event.recipient.country)
