@@ -6,10 +6,12 @@ for its own flush, requests hand their work to one writer thread, which runs wha
 queued up in a single transaction and commits once; each caller returns when the commit that
 holds its work is done. Under load the cost of a flush is shared.
 
-A caller that finds nobody writing and nothing queued writes its work itself, on its own
-thread (the leader of a group of one): a sync gunicorn worker, which serves one request at a
-time, never groups, and the hand-off to the writer thread and back cost it a tenth of its
-CPU per delivery.
+In a process whose callers never overlap (a sync gunicorn worker serves one request at a
+time) there is nothing to share, and the hand-off to the writer thread and back cost about a
+tenth of a delivery's CPU; there each caller writes its own work on its own thread. The first
+caller that finds another one writing starts the writer thread, and from then on every
+caller hands its work over: under a threaded server's load, writing alone whenever the writer
+happened to be idle made the commits alternate between a lone request and the rest.
 """
 
 from __future__ import annotations
@@ -54,10 +56,8 @@ class GroupCommitter:
 
     def run(self, item):
         """Return `item`'s result once the commit holding it is done: written on this thread
-        when nobody else is writing, else handed to the writer thread to share a commit."""
-        # Only with an empty queue: callers that arrive while the writer thread has work
-        # queue behind it instead of overtaking it.
-        if self._queue.empty() and self._writing.acquire(blocking=False):
+        while callers have never overlapped, else handed to the writer thread."""
+        if self._thread is None and self._writing.acquire(blocking=False):
             try:
                 try:
                     [result] = self._commit([item])

@@ -1,5 +1,6 @@
-"""The group committer: a caller alone writes on its own thread; callers that arrive while
-someone writes share the writer thread's next commit; a failure stays with its own item."""
+"""The group committer: while callers never overlap each writes on its own thread; callers
+that arrive while someone writes share the writer thread's next commit, and from then on all
+go through it; a failure stays with its own item."""
 
 from __future__ import annotations
 
@@ -94,12 +95,15 @@ def test_callers_arriving_while_one_writes_share_the_next_commit(engine):
     record.hold.set()
     for t in [leader, *followers]:
         t.join(5)
-    committer.close()
     assert results == {1: 10, 2: 20, 3: 30, 4: 40}
     assert [items for _, items in record.groups] == [[1], [2, 3, 4]]
     assert record.groups[0][0] == leader.ident  # the leader wrote its own
     assert record.groups[1][0] == committer._thread.ident  # the rest, together
-    assert stored(engine) == [1, 2, 3, 4]
+    # Callers overlapped once: a lone caller now goes through the writer thread too.
+    assert committer.run(5) == 50
+    assert record.groups[2] == (committer._thread.ident, [5])
+    committer.close()
+    assert stored(engine) == [1, 2, 3, 4, 5]
 
 
 def test_a_failing_item_fails_alone_and_the_connection_is_replaced(engine):
