@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
+import pytest
 from conftest import twilio_section
 from fakes import wait_until
 from fakes.twilio import Delay, Drop, Reply
@@ -12,7 +14,8 @@ from sqlalchemy import select
 from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
 from txsms.core.pipeline import ingest
-from txsms.core.storage import messages, recipients
+from txsms.core.ratelimit import RateLimiter
+from txsms.core.storage import messages, rate_limits, recipients
 from txsms.core.worker import Worker
 
 PHONE = "+14155550100"
@@ -349,3 +352,20 @@ def test_a_window_records_when_each_message_was_sent(runtime_factory, fake_twili
     first, _, last = (message(runtime, key) for key in keys)
     assert (first.status, last.status) == ("sent", "sent")
     assert last.sent_at - first.sent_at >= 0.5  # the answers' times, not the commit's
+
+
+@pytest.mark.parametrize(("rate", "held"), [(5, 0), (1000, 17), (100_000, 31)])
+def test_a_process_takes_a_few_slots_at_once_only_at_high_rates(runtime, rate, held):
+    """One round trip takes the slots of the next 20 ms, but never more than a process can
+    use before they go late."""
+    limiter = RateLimiter(runtime.relaxed, "chunk-test", rate)
+    first = limiter.acquire()
+    assert first is not None
+    assert len(limiter._slots) == held
+    slots = [first, *limiter._slots]
+    # Epoch seconds are exact to about 0.2 µs.
+    assert all(b - a == pytest.approx(1.1 / rate, abs=1e-6) for a, b in pairwise(slots))
+    with runtime.engine.connect() as conn:  # the database holds the time after the last one
+        query = select(rate_limits.c.next_at).where(rate_limits.c.name == "chunk-test")
+        next_at = conn.execute(query).scalar_one()
+    assert next_at == pytest.approx(first + (held + 1) * 1.1 / rate, abs=1e-6)
