@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 
 from txsms.core.config import StorageConfig
+from txsms.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,12 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
             kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "options": options}
             url = parsed.difference_update_query(["options"])
         return create_engine(url, pool_pre_ping=True, **kwargs)
+    if not sqlite_has_json():  # lists are bound as JSON (`any_of`)
+        raise ConfigError(
+            f"Python's SQLite {sqlite3.sqlite_version} lacks the JSON functions "
+            "(SQLite 3.38 or later has them built in)",
+            key="storage.url",
+        )
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
     synchronous = "NORMAL" if relaxed else storage.sqlite_synchronous
 
@@ -232,6 +239,18 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
         begin_immediate(conn.connection.dbapi_connection)
 
     return engine
+
+
+@functools.cache
+def sqlite_has_json() -> bool:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT value FROM json_each('[1]')")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
 
 
 #: How long a transaction waits for another writer before "database is locked".

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, func, inspect, select, text
 
 from txsms.core import storage
 from txsms.core.config import StorageConfig
+from txsms.core.errors import ConfigError
 
 
 @pytest.fixture
@@ -157,6 +158,31 @@ def test_sqlite_synchronous_follows_the_config(tmp_path, sqlite_url, setting, ex
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
+
+
+def test_an_sqlite_without_json_functions_is_refused_by_name(tmp_path, sqlite_url, monkeypatch):
+    assert storage.sqlite_has_json()  # this Python's SQLite has them
+    monkeypatch.setattr(storage, "sqlite_has_json", lambda: False)
+    config = make_config(tmp_path, sqlite_url)
+    with pytest.raises(ConfigError) as err:
+        storage.make_engine(config.storage)
+    assert err.value.key == "storage.url"
+    assert f"SQLite {sqlite3.sqlite_version} lacks the JSON functions" in str(err.value)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 500])
+def test_list_parameters_match_any_length(engine, count):
+    """`any_of`: one parameter for a list of any length (SQLite: JSON, PostgreSQL: array)."""
+    storage.upgrade(engine)
+    with engine.begin() as conn:
+        rows = [{"source": "s", "delivery_id": f"d{n}", "received_at": 0} for n in range(1000)]
+        conn.execute(storage.deliveries.insert(), rows)
+        wanted = [f"d{n}" for n in range(0, count * 2, 2)] + ["missing"]
+        query = select(storage.deliveries.c.delivery_id).where(
+            storage.any_of(storage.deliveries.c.delivery_id, "ids", conn.dialect.name)
+        )
+        found = set(conn.execute(query, {"ids": wanted}).scalars())
+    assert found == set(wanted) - {"missing"}
 
 
 def test_relaxed_engine_skips_the_flush_and_keeps_the_url_options(tmp_path, database_url):
