@@ -65,6 +65,11 @@ _MARK_IN_FLIGHT = _STILL_CLAIMED.values(
     in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now")
 ).returning(messages.c.id)
 _UNMARK = _STILL_CLAIMED.values(in_flight=False, updated_at=bindparam("_now"))
+# Not in flight, so claimable again at once (the "lease ran out" branch of `claim`), and the
+# attempt the claim counted never happened.
+_RELEASE = _STILL_CLAIMED.where(messages.c.in_flight.is_(False)).values(
+    lease_until=0.0, attempts=messages.c.attempts - 1, updated_at=bindparam("_now")
+)
 
 
 def update(conn: Connection, message_id: str, **values) -> None:
@@ -90,6 +95,13 @@ def unmark_in_flight(conn: Connection, ids: Sequence[str], claim: str) -> None:
     the queue when the claim's lease ends instead of becoming `unknown`."""
     if ids:
         conn.execute(_UNMARK, {"_ids": list(ids), "_claim": claim, "_now": time.time()})
+
+
+def release(conn: Connection, ids: Sequence[str], claim: str) -> None:
+    """Claimed but never marked in flight (the worker is stopping): any worker may take them
+    now instead of when the lease ends."""
+    if ids:
+        conn.execute(_RELEASE, {"_ids": list(ids), "_claim": claim, "_now": time.time()})
 
 
 def sweep_interrupted(conn: Connection) -> int:

@@ -369,3 +369,46 @@ def test_a_process_takes_a_few_slots_at_once_only_at_high_rates(runtime, rate, h
         query = select(rate_limits.c.next_at).where(rate_limits.c.name == "chunk-test")
         next_at = conn.execute(query).scalar_one()
     assert next_at == pytest.approx(first + (held + 1) * 1.1 / rate, abs=1e-6)
+
+
+def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
+    runtime_factory, fake_twilio
+):
+    """At rates that send in windows the next batch is claimed during the last window, not
+    after it; a worker that stops then gives that batch back at once, and every message still
+    leaves exactly once."""
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio, rate_per_second=8),  # batches of 4
+        worker={"in_flight_window": 2, "lease_seconds": 0.5},
+    )
+    keys = [f"k{n}" for n in range(9)]
+    ingest(runtime, [event(key) for key in keys])
+    fake_twilio.script(Reply(), Reply(), Delay(1.0))  # the last window's first request waits
+    worker = Worker(runtime)
+    assert worker.batch == 4
+
+    def rows():
+        with runtime.engine.connect() as conn:
+            return conn.execute(select(messages).order_by(messages.c.created_at)).all()
+
+    def claimed_ahead():
+        return [r for r in rows() if r.status == "sending" and not r.in_flight]
+
+    worker.start()
+    try:
+        fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 3)
+        # The third request is still on its way, and the next four are already claimed.
+        wait_until(lambda: len(claimed_ahead()) == 4, timeout=5)
+        assert len(fake_twilio.requests) == 3
+        ahead = {r.id for r in claimed_ahead()}
+    finally:
+        worker.stop()
+    assert len(fake_twilio.requests) == 3  # the fourth was never started: stopping
+    released = [r for r in rows() if r.id in ahead]
+    assert [(r.status, r.in_flight, r.lease_until, r.attempts) for r in released] == [
+        ("sending", False, 0.0, 0)  # claimable now, and no attempt counted
+    ] * 4
+    drain(Worker(runtime), lambda: len(fake_twilio.messages) == 9)
+    assert [r.status for r in rows()] == ["sent"] * 9
+    assert len(fake_twilio.requests) == 9  # each message left once
+    assert len({r.provider_message_id for r in rows()}) == 9
