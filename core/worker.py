@@ -9,11 +9,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Row, bindparam, select
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
@@ -49,7 +50,7 @@ _FOOTER_SENT = (
 @dataclass(frozen=True)
 class Batch:
     claim: str
-    rows: list
+    rows: Sequence[Row]
     ready: list[tuple]  # (row, Prepared): what passed the checks made at claim time
 
 
@@ -221,9 +222,13 @@ class Worker:
 
     def _release_next(self) -> None:
         batch = self._take_next()
-        if batch is not None and batch.rows:
+        if batch is None or not batch.rows:
+            return
+        try:
             with self.runtime.relaxed() as conn:  # lost on power failure: the lease ends
                 outbox.release(conn, [row.id for row in batch.rows], batch.claim)
+        except Exception:  # stopping anyway: the claims come back when their lease ends
+            log.exception("giving back the batch claimed ahead failed")
 
     def _mark(self, window: list[tuple], sent: list[tuple], claim: str) -> Future:
         return self.runtime.committer.submit(partial(self._in_flight, sent, window, claim))
