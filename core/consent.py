@@ -133,7 +133,7 @@ def _part(name: str):
 
 def number_parts(dialect: str) -> list[Select]:
     """The recipient row, the ledger and the switched-off categories of the numbers in the
-    list parameters `r`, `l` and `p` (`number_params`), as rows of (part, key, a, b, at, seq).
+    list parameter `indexes`, as rows of (part, key, a, b, at, seq).
 
     `numbers` unions them; ingest unions them with look-ups of its own of the same shape, so
     that a webhook's reads are one round trip. `numbers_from` reads the rows back."""
@@ -145,7 +145,7 @@ def number_parts(dialect: str) -> list[Select]:
             null().label("b"),
             recipients.c.footer_sent_at.label("at"),
             literal_column("0").label("seq"),
-        ).where(any_of(recipients.c.phone_index, "r", dialect)),
+        ).where(any_of(recipients.c.phone_index, "indexes", dialect)),
         select(
             _part("ledger"),
             consent_ledger.c.phone_index,
@@ -153,7 +153,7 @@ def number_parts(dialect: str) -> list[Select]:
             consent_ledger.c.action,
             consent_ledger.c.created_at,
             consent_ledger.c.id,
-        ).where(any_of(consent_ledger.c.phone_index, "l", dialect)),
+        ).where(any_of(consent_ledger.c.phone_index, "indexes", dialect)),
         select(
             _part("off"),
             preferences.c.phone_index,
@@ -161,23 +161,20 @@ def number_parts(dialect: str) -> list[Select]:
             null(),
             null(),
             literal_column("0"),
-        ).where(any_of(preferences.c.phone_index, "p", dialect), preferences.c.enabled.is_(False)),
+        ).where(
+            any_of(preferences.c.phone_index, "indexes", dialect), preferences.c.enabled.is_(False)
+        ),
     ]
 
 
 _NUMBERS_OF = {dialect: union_all(*number_parts(dialect)) for dialect in DIALECTS}
 
 
-def number_params(indexes: list[str]) -> dict[str, list[str]]:
-    unique = list(set(indexes))
-    return {"r": unique, "l": unique, "p": unique}
-
-
 def numbers(conn: Connection, indexes: list[str]) -> dict[str, Number]:
     """`Number`s for `indexes`, in one query: ingest and the worker look up whole batches."""
     if not indexes:
         return {}
-    rows = conn.execute(_NUMBERS_OF[conn.dialect.name], number_params(indexes))
+    rows = conn.execute(_NUMBERS_OF[conn.dialect.name], {"indexes": list(set(indexes))})
     return numbers_from(indexes, rows)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Row, and_, bindparam, or_, select
+from sqlalchemy import Connection, Row, Update, and_, bindparam, or_, select
 
-from txsms.core.storage import messages
+from txsms.core.storage import DIALECTS, any_of, messages
 
 CLAIMABLE = ("pending", "deferred")
 
@@ -55,21 +55,29 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
 # Built once: the columns to set travel as parameters, so SQLAlchemy compiles each shape once
 # and the worker's hot path does not rebuild statements for every message.
 _UPDATE = messages.update().where(messages.c.id == bindparam("_id"))
-# The rows of a claim that are still ours (a lease that ran out may have been taken over).
-_STILL_CLAIMED = messages.update().where(
-    messages.c.id.in_(bindparam("_ids", expanding=True)),
-    messages.c.claimed_by == bindparam("_claim"),
-    messages.c.status == "sending",
-)
-_MARK_IN_FLIGHT = _STILL_CLAIMED.values(
-    in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now")
-).returning(messages.c.id)
-_UNMARK = _STILL_CLAIMED.values(in_flight=False, updated_at=bindparam("_now"))
-# Not in flight, so claimable again at once (the "lease ran out" branch of `claim`), and the
-# attempt the claim counted never happened.
-_RELEASE = _STILL_CLAIMED.where(messages.c.in_flight.is_(False)).values(
-    lease_until=0.0, attempts=messages.c.attempts - 1, updated_at=bindparam("_now")
-)
+
+
+def _claim_statements(dialect: str) -> dict[str, Update]:
+    # The rows of a claim that are still ours (a lease that ran out may have been taken over).
+    still_claimed = messages.update().where(
+        any_of(messages.c.id, "_ids", dialect),
+        messages.c.claimed_by == bindparam("_claim"),
+        messages.c.status == "sending",
+    )
+    return {
+        "mark": still_claimed.values(
+            in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now")
+        ).returning(messages.c.id),
+        "unmark": still_claimed.values(in_flight=False, updated_at=bindparam("_now")),
+        # Not in flight, so claimable again at once (the "lease ran out" branch of `claim`),
+        # and the attempt the claim counted never happened.
+        "release": still_claimed.where(messages.c.in_flight.is_(False)).values(
+            lease_until=0.0, attempts=messages.c.attempts - 1, updated_at=bindparam("_now")
+        ),
+    }
+
+
+_CLAIMED = {dialect: _claim_statements(dialect) for dialect in DIALECTS}
 
 
 def update(conn: Connection, message_id: str, **values) -> None:
@@ -87,21 +95,23 @@ def mark_in_flight(conn: Connection, ids: Sequence[str], claim: str, provider: s
     """Commit "these requests are about to leave" — for the ids whose claim is still ours,
     which are returned."""
     params = {"_ids": list(ids), "_claim": claim, "_provider": provider, "_now": time.time()}
-    return {row[0] for row in conn.execute(_MARK_IN_FLIGHT, params)}
+    return {row[0] for row in conn.execute(_CLAIMED[conn.dialect.name]["mark"], params)}
 
 
 def unmark_in_flight(conn: Connection, ids: Sequence[str], claim: str) -> None:
     """Marked, but the worker stopped before sending them: they never left, so they go back to
     the queue when the claim's lease ends instead of becoming `unknown`."""
     if ids:
-        conn.execute(_UNMARK, {"_ids": list(ids), "_claim": claim, "_now": time.time()})
+        params = {"_ids": list(ids), "_claim": claim, "_now": time.time()}
+        conn.execute(_CLAIMED[conn.dialect.name]["unmark"], params)
 
 
 def release(conn: Connection, ids: Sequence[str], claim: str) -> None:
     """Claimed but never marked in flight (the worker is stopping): any worker may take them
     now instead of when the lease ends."""
     if ids:
-        conn.execute(_RELEASE, {"_ids": list(ids), "_claim": claim, "_now": time.time()})
+        params = {"_ids": list(ids), "_claim": claim, "_now": time.time()}
+        conn.execute(_CLAIMED[conn.dialect.name]["release"], params)
 
 
 def sweep_interrupted(conn: Connection) -> int:

@@ -218,7 +218,7 @@ class _Lookups:
         self.contexts: dict[tuple[str, str], Row | None] = dict.fromkeys(orders)
         self.sources: dict[str, bool] = dict.fromkeys(names, False)
         params = {
-            **consent.number_params(indexes),
+            "indexes": indexes,
             "order_sources": list({source for source, _ in orders}),
             "order_refs": list({ref for _, ref in orders}),
             "names": names,

@@ -371,9 +371,11 @@ class Worker:
                 for row, prepared, result, at in accepted
             ],
         )
-        footers = [{"_index": p.index} for _, p, _, _ in accepted if p.with_footer and p.index]
+        footers = [
+            {"_index": p.index, "_now": now} for _, p, _, _ in accepted if p.with_footer and p.index
+        ]
         if footers:
-            conn.execute(_FOOTER_SENT, [{**f, "_now": now} for f in footers])
+            conn.execute(_FOOTER_SENT, footers)
         for row, prepared, result, _ in accepted:
             MESSAGES.labels("sent", "").inc()
             log.info(
