@@ -69,6 +69,11 @@ class GroupCommitter:
             return result
         return self.submit(item).result()
 
+    @property
+    def grouping(self) -> bool:
+        """Callers have overlapped: their items are written together by the writer thread."""
+        return self._thread is not None
+
     def submit(self, item) -> Future:
         """Hand `item` to the writer; the future resolves once the commit holding it is done."""
         future: Future = Future()

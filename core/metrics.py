@@ -13,6 +13,9 @@ RECEIPTS = Counter("txsms_receipts_total", "Delivery receipts", ["provider", "st
 PROVIDER_ERRORS = Counter("txsms_provider_errors_total", "Provider errors", ["provider", "code"])
 MESSAGES = Counter("txsms_messages_total", "Message outcomes", ["status", "reason"])
 WEBHOOKS = Counter("txsms_http_requests_total", "Requests answered", ["route", "status"])
+# Ingest worked out before SQLite's write lock (core/rehearsal.py): applied, worked out again
+# under the lock because the database changed meanwhile, or not rehearsable.
+REHEARSALS = Counter("txsms_ingest_rehearsals_total", "Ingest rehearsals", ["outcome"])
 
 
 def platform_of(source: str) -> str:

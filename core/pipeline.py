@@ -31,10 +31,12 @@ from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
 from txsms.core.events import MESSAGE_KINDS, Event, Recipient
 from txsms.core.groupcommit import GroupCommitter
-from txsms.core.metrics import DECISIONS, EVENTS, platform_of
+from txsms.core.metrics import DECISIONS, EVENTS, REHEARSALS, platform_of
 from txsms.core.phones import Phone, PhoneError, normalize
 from txsms.core.policy import quiet_until
 from txsms.core.redact import redact_phone
+from txsms.core.rehearsal import CannotRehearse, Rehearsal
+from txsms.core.rehearsal import log as note
 from txsms.core.runtime import Runtime
 from txsms.core.storage import (
     DIALECTS,
@@ -42,8 +44,10 @@ from txsms.core.storage import (
     deliveries,
     events,
     insert_ignore,
+    is_sqlite,
     messages,
     order_context,
+    reader,
     recipients,
     sources,
 )
@@ -99,7 +103,14 @@ def ingest(
     # Phone numbers are parsed here, on the request's own thread, before the hand-off to
     # the single writer thread: the writer should spend its time on the database.
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
-    results = _committer(runtime).run(_Request(batch, delivery, phones))
+    request = _Request(batch, delivery, phones)
+    committer = _committer(runtime)
+    if not committer.grouping and is_sqlite(runtime.engine):
+        # Each process writes its own commits (gunicorn's sync workers): keep the work out of
+        # SQLite's one write lock, which all the processes share. Grouped commits amortise it
+        # instead, and there rehearsing would only add a read per request.
+        request.rehearsed = _rehearse(runtime, request)
+    results = committer.run(request)
     if results is None:
         return None
     queued = any(d.status in ("pending", "deferred") for r in results for d in r.messages)
@@ -112,11 +123,35 @@ def ingest(
     return results
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Request:
     batch: list[Event]
     delivery: tuple[str, str] | None
     phones: dict[tuple, tuple[Phone | None, str | None]]
+    rehearsed: _Rehearsed | None = None
+
+
+@dataclass(frozen=True)
+class _Rehearsed:
+    rehearsal: Rehearsal
+    results: list[IngestResult] | None
+
+
+def _rehearse(runtime: Runtime, request: _Request) -> _Rehearsed | None:
+    """Work the request out before the write lock (see core/rehearsal.py): on SQLite the
+    receivers of all processes share one writer, and this keeps the encrypting, rendering and
+    deciding out of the time it is held. None: the request is worked out under the lock."""
+    if any(e.kind.startswith("privacy.") for e in request.batch):
+        return None  # an export writes a file: not something to do twice
+    with reader(runtime.engine) as conn:
+        rehearsal = Rehearsal(conn)
+        try:
+            [results] = _work_out(runtime, rehearsal, [request])
+        except CannotRehearse as exc:
+            log.debug("ingest not rehearsed: %s", exc)
+            REHEARSALS.labels("refused").inc()
+            return None
+    return _Rehearsed(rehearsal, results)
 
 
 _committer_lock = threading.Lock()
@@ -137,7 +172,29 @@ def _committer(runtime: Runtime) -> GroupCommitter:
 def _ingest_group(
     runtime: Runtime, conn: Connection, requests: list[_Request]
 ) -> list[list[IngestResult] | None]:
-    """Ingest the requests that queued up together, with one set of look-ups for all."""
+    """Ingest the requests that queued up together: their rehearsals applied when the
+    database still reads as they saw it, else worked out here."""
+    rehearsed = [r.rehearsed for r in requests]
+    if all(rehearsed):
+        # The driver's own SAVEPOINT: SQLAlchemy's compiles its statement anew every time.
+        driver = conn.connection.dbapi_connection
+        driver.execute("SAVEPOINT rehearsal")
+        if all(r.rehearsal.replay(conn) for r in rehearsed):
+            driver.execute("RELEASE rehearsal")
+            for r in rehearsed:
+                r.rehearsal.flush_notes()
+            REHEARSALS.labels("applied").inc(len(rehearsed))
+            return [r.results for r in rehearsed]
+        driver.execute("ROLLBACK TO rehearsal")  # something changed since: work it out again
+        driver.execute("RELEASE rehearsal")
+        REHEARSALS.labels("redone").inc(len(rehearsed))
+    return _work_out(runtime, conn, requests)
+
+
+def _work_out(
+    runtime: Runtime, conn: Connection | Rehearsal, requests: list[_Request]
+) -> list[list[IngestResult] | None]:
+    """Ingest the requests on `conn`, with one set of look-ups for all."""
     now = time.time()
     phones = {k: v for r in requests for k, v in r.phones.items()}
     lookups = _Lookups(runtime, conn, [e for r in requests for e in r.batch], phones)
@@ -568,7 +625,9 @@ def _decide(
             ).one()
             return Decision(*existing)
         if status == "skipped":
-            log.info("message %s %s skipped: %s", row["id"], event.kind, reason)
+            note(
+                conn, log, logging.INFO, "message %s %s skipped: %s", row["id"], event.kind, reason
+            )
         return Decision(row["id"], status, reason)
 
     if skip is not None:
@@ -610,7 +669,7 @@ def _decide(
     try:
         rendered = runtime.templates.render(event.kind, event.recipient.locale, context)
     except TemplateError as exc:
-        log.error("message %s: %s", row["id"], exc)
+        note(conn, log, logging.ERROR, "message %s: %s", row["id"], exc)
         return decide("failed", "render_error", error_text=str(exc)[:500])
     if not rendered.body:
         return decide("skipped", "no_template")
@@ -629,5 +688,5 @@ def _decide(
         return decide("deferred", "quiet_hours", send_at=later)
     if send_at > now:
         return decide("deferred", "scheduled", send_at=send_at)
-    log.debug("message %s queued for %s", row["id"], redact_phone(phone.e164))
+    note(conn, log, logging.DEBUG, "message %s queued for %s", row["id"], redact_phone(phone.e164))
     return decide("pending")

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ARRAY,
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     Index,
@@ -40,6 +41,7 @@ from sqlalchemy import (
 
 from txsms.core.config import StorageConfig
 from txsms.core.errors import ConfigError
+from txsms.core.rehearsal import INSERT_IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,8 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
     def _sqlite_begin(conn):
         # IMMEDIATE takes the write lock up front: a read-then-write transaction can then
         # never fail to upgrade its lock ("database is locked") when another writer is busy.
-        begin_immediate(conn.connection.dbapi_connection)
+        if not conn.get_execution_options().get(_READER):  # each read its own transaction
+            begin_immediate(conn.connection.dbapi_connection)
 
     return engine
 
@@ -278,6 +281,17 @@ def begin_immediate(dbapi_conn, timeout: float = SQLITE_BUSY_SECONDS) -> None:
             delay = min(delay * 2, 0.002)
     finally:  # everything else keeps SQLite's own wait
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+
+_READER = "txsms_reader"
+
+
+def reader(engine: Engine) -> Connection:
+    """A connection for reads outside any write transaction (use it as a context manager).
+
+    On SQLite it never takes the write lock: each statement reads the latest committed state
+    on its own. Writing through it is a mistake."""
+    return engine.connect().execution_options(**{_READER: True})
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -365,4 +379,5 @@ def _insert_ignore_stmt(dialect: str, table: Table, conflict: tuple[str, ...]):
         insert(table)
         .on_conflict_do_nothing(index_elements=list(conflict))
         .returning(table.c[conflict[0]])  # rowcount is -1 here with psycopg 3; RETURNING is exact
+        .execution_options(**{INSERT_IGNORE: True})  # a rehearsal may assume it inserts
     )

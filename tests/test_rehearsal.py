@@ -1,0 +1,326 @@
+"""Ingest worked out before SQLite's write lock and applied under it (core/rehearsal.py):
+applied only while the database still reads as the rehearsal saw it, else worked out again;
+never a write outside the lock, never a decision made on stale reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
+from fakes import wait_until
+from prometheus_client import REGISTRY
+from sqlalchemy import func, select, text
+from test_scaleout import _healthy
+from test_serve import free_port
+
+from txsms.core import consent
+from txsms.core.events import Event, OrderRef, Recipient
+from txsms.core.pipeline import _committer, _parse_phone, _rehearse, _Request, ingest
+from txsms.core.rehearsal import CannotRehearse, Rehearsal
+from txsms.core.runtime import Runtime
+from txsms.core.storage import deliveries, events, insert_ignore, messages, reader
+
+PHONE = "+1 415 555 0100"
+
+
+@pytest.fixture
+def runtime(tmp_path, sqlite_url):
+    runtime = Runtime(make_config(tmp_path, sqlite_url))
+    runtime.prepare_database(migrate=True)
+    yield runtime
+    runtime.close()
+
+
+def order(n: int = 1, phone: str | None = PHONE, **kw) -> Event:
+    return Event(
+        source="api",
+        kind=kw.pop("kind", "order.created"),
+        key=f"order:{n}:created",
+        recipient=Recipient(phone=phone, name="Ada"),
+        data={"order": {"number": f"#{n}", "total": "$5.00"}},
+        **kw,
+    )
+
+
+def rehearsed(runtime, batch, delivery=None) -> _Request:
+    phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
+    request = _Request(batch, delivery, phones)
+    request.rehearsed = _rehearse(runtime, request)
+    return request
+
+
+def rehearsals(outcome: str) -> float:
+    return REGISTRY.get_sample_value("txsms_ingest_rehearsals_total", {"outcome": outcome}) or 0
+
+
+def count(runtime, table) -> int:
+    with runtime.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def message_rows(runtime):
+    with runtime.engine.connect() as conn:
+        return conn.execute(select(messages)).all()
+
+
+def test_a_rehearsal_writes_nothing_and_its_replay_applies_exactly_what_it_worked_out(runtime):
+    applied = rehearsals("applied")
+    request = rehearsed(runtime, [order()], delivery=("api", "d-1"))
+    assert request.rehearsed is not None
+    [planned] = request.rehearsed.results
+    assert planned.status == "accepted"
+    assert (count(runtime, events), count(runtime, messages), count(runtime, deliveries)) == (
+        0,
+        0,
+        0,
+    )
+
+    [result] = _committer(runtime).run(request)
+
+    assert result is planned  # the rehearsal's own outcome, not a second working-out
+    assert rehearsals("applied") == applied + 1
+    [row] = message_rows(runtime)
+    assert row.id == planned.messages[0].id and row.status == "pending"
+    assert "Ada" in runtime.vault.decrypt(row.body_enc)
+    assert count(runtime, events) == 1 and count(runtime, deliveries) == 1
+
+
+def test_a_rehearsal_never_takes_the_write_lock(runtime, sqlite_url):
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process is writing
+    try:
+        done: list[_Request] = []
+        thread = threading.Thread(target=lambda: done.append(rehearsed(runtime, [order()])))
+        thread.start()
+        thread.join(10)
+        assert done, "the rehearsal waited for the write lock"
+        assert done[0].rehearsed is not None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert count(runtime, messages) == 0
+
+
+def test_an_opt_out_recorded_after_the_rehearsal_is_honoured(runtime, caplog):
+    caplog.set_level(logging.INFO, logger="txsms.core.pipeline")
+    request = rehearsed(runtime, [order()])
+    assert request.rehearsed.results[0].messages[0].status == "pending"
+    index = runtime.vault.index("+14155550100")
+    with runtime.engine.begin() as conn:  # a STOP arrives before the lock is taken
+        consent.record(conn, runtime.vault, index, scope="all", action="opt_out", source="reply")
+
+    [result] = _committer(runtime).run(request)
+
+    [decision] = result.messages
+    assert (decision.status, decision.reason) == ("skipped", "opted_out")
+    [row] = message_rows(runtime)
+    assert (row.id, row.status, row.reason) == (decision.id, "skipped", "opted_out")
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"message {decision.id} order.created skipped: opted_out"]
+
+
+def test_a_delivery_recorded_after_the_rehearsal_stays_a_duplicate(runtime):
+    request = rehearsed(runtime, [order()], delivery=("api", "d-1"))
+    with runtime.engine.begin() as conn:  # another process took the delivery: no read changes
+        row = {"source": "api", "delivery_id": "d-1", "received_at": 1.0}
+        assert insert_ignore(conn, deliveries, row, ["source", "delivery_id"])
+
+    assert _committer(runtime).run(request) is None
+    assert count(runtime, events) == 0 and count(runtime, messages) == 0
+
+
+def test_an_event_recorded_after_the_rehearsal_is_a_duplicate_and_nothing_else_is_kept(runtime):
+    request = rehearsed(runtime, [order()], delivery=("api", "d-2"))
+    # The same event through another delivery, without the number: nothing the rehearsal
+    # read has changed, only the event now exists.
+    [first] = ingest(runtime, [order(phone=None)], delivery=("api", "d-1"))
+
+    [result] = _committer(runtime).run(request)
+
+    assert (result.status, result.id) == ("duplicate", first.id)
+    # The delivery written before the conflict was found is rolled back and written again.
+    assert count(runtime, deliveries) == 2
+    assert count(runtime, events) == 1
+    [row] = message_rows(runtime)
+    assert (row.status, row.reason) == ("skipped", "no_phone")
+
+
+def test_skip_logs_of_a_rehearsal_wait_for_its_replay(runtime, caplog):
+    caplog.set_level(logging.INFO, logger="txsms.core.pipeline")
+    request = rehearsed(runtime, [order(phone=None)])
+    assert not [r for r in caplog.records if "skipped" in r.getMessage()]
+
+    [result] = _committer(runtime).run(request)
+
+    [decision] = result.messages
+    assert (decision.status, decision.reason) == ("skipped", "no_phone")
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        f"message {decision.id} order.created skipped: no_phone"
+    ]
+
+
+def test_work_whose_write_results_matter_is_not_rehearsed_and_still_ingested(runtime):
+    booked = Event(
+        source="api",
+        kind="appointment.reminder",
+        key="appt:1:reminder",
+        recipient=Recipient(phone=PHONE),
+        order=OrderRef("appt:1"),
+        send_at=4_000_000_000,
+    )
+    ingest(runtime, [booked])
+    cancel = Event(
+        source="api",
+        kind="messages.cancel",
+        key="appt:1:cancel",
+        order=OrderRef("appt:1"),
+        data={"kinds": ["appointment.reminder"], "reason": "appointment_cancelled"},
+    )
+    refused = rehearsals("refused")
+    request = rehearsed(runtime, [cancel])
+    assert request.rehearsed is None  # it logs how many it cancelled: a count of a write
+    assert rehearsals("refused") == refused + 1
+
+    [result] = _committer(runtime).run(request)
+
+    assert result.status == "accepted"
+    [row] = message_rows(runtime)
+    assert (row.status, row.reason) == ("cancelled", "appointment_cancelled")
+
+
+def test_privacy_requests_are_never_rehearsed(runtime):
+    redact = Event(source="api", kind="privacy.redact", key="r:1", recipient=Recipient(PHONE))
+    assert rehearsed(runtime, [redact]).rehearsed is None
+
+
+def test_a_rehearsal_refuses_what_it_cannot_know(runtime):
+    with reader(runtime.engine) as conn:
+        rehearsal = Rehearsal(conn)
+        update = messages.update().values(status="x")
+        blind = rehearsal.execute(update)
+        with pytest.raises(CannotRehearse):
+            blind.rowcount  # noqa: B018 - the use is the test
+        with pytest.raises(CannotRehearse):
+            rehearsal.execute(update.returning(messages.c.id))
+        with pytest.raises(CannotRehearse):
+            rehearsal.execute(text("SELECT 1"))
+        row = {"source": "a", "delivery_id": "b", "received_at": 1.0}
+        assert insert_ignore(rehearsal, deliveries, row, ["source", "delivery_id"])
+    assert count(runtime, deliveries) == 0 and count(runtime, messages) == 0
+
+
+def test_replay_stops_at_the_first_read_that_differs(runtime):
+    with reader(runtime.engine) as conn:
+        rehearsal = Rehearsal(conn)
+        seen = rehearsal.execute(select(func.count()).select_from(events)).scalar_one()
+        insert_ignore(
+            rehearsal,
+            deliveries,
+            {"source": "a", "delivery_id": "b", "received_at": 1.0},
+            ["source", "delivery_id"],
+        )
+    assert seen == 0
+    with runtime.engine.begin() as conn:
+        assert rehearsal.replay(conn)
+    assert count(runtime, deliveries) == 1
+    ingest(runtime, [order()])  # now the count reads 1
+    with runtime.engine.begin() as conn:
+        assert not rehearsal.replay(conn)
+        conn.rollback()
+    assert count(runtime, deliveries) == 1
+
+
+@pytest.mark.slow
+def test_two_sync_gunicorn_workers_on_one_sqlite_file_record_each_event_once(tmp_path):
+    """The deployment rehearsals are for: processes that each write their own commits. Many
+    events share numbers, so rehearsals go stale and are worked out again under the lock."""
+    url = f"sqlite:///{tmp_path / 'txsms.db'}"
+    config = tmp_path / "txsms.toml"
+    config.write_text(
+        to_toml(
+            {
+                "server": {"public_url": "https://sms.example.test"},
+                "storage": {"url": url, "data_dir": str(tmp_path)},
+                "security": {"keys": [KEY], "index_key": INDEX_KEY, "api_tokens": [API_TOKEN]},
+                "sender": {"name": "Test Shop", "timezone": "UTC"},
+            }
+        )
+    )
+    env = {**os.environ, "TXSMS_CONFIG": str(config)}
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([bin_dir / "txsms", "db", "upgrade"], env=env, check=True, timeout=60)
+    port = free_port()
+    with open(tmp_path / "gunicorn.log", "ab") as log:
+        server = subprocess.Popen(
+            [
+                bin_dir / "gunicorn",
+                "-w",
+                "2",
+                "-b",
+                f"127.0.0.1:{port}",
+                "txsms.webhooks:create_app()",
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _healthy(base), timeout=30)
+        total, size = 400, 5
+        batches = [
+            [
+                {
+                    "kind": "order.created",
+                    "key": f"order:{n}:created",
+                    "recipient": {"phone": f"+1 415 555 {n % 20:04d}"},
+                    "data": {"order": {"number": f"#{n}", "total": "$1.00"}},
+                }
+                for n in range(start, start + size)
+            ]
+            for start in range(0, total, size)
+        ]
+        statuses: list[int] = []
+
+        def post(indexes: range) -> None:
+            with requests.Session() as session:
+                for i in indexes:
+                    for _ in range(2 if i % 5 == 0 else 1):  # some batches twice
+                        r = session.post(
+                            f"{base}/api/v1/events",
+                            json={"events": batches[i]},
+                            headers={"Authorization": f"Bearer {API_TOKEN}"},
+                            timeout=60,
+                        )
+                        statuses.append(r.status_code)
+
+        threads = [
+            threading.Thread(target=post, args=(range(k, len(batches), 4),)) for k in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert set(statuses) == {202} and len(statuses) == len(batches) + len(batches) // 5
+    finally:
+        server.terminate()
+        server.wait(15)
+    check = Runtime(make_config(tmp_path, url))
+    try:
+        with check.engine.connect() as conn:
+            keys = conn.execute(select(events.c.key)).scalars().all()
+            sent = conn.execute(select(messages.c.event_id, messages.c.status)).all()
+            event_ids = set(conn.execute(select(events.c.id)).scalars())
+    finally:
+        check.close()
+    assert sorted(keys) == sorted(f"order:{n}:created" for n in range(total))
+    assert len(sent) == total and {status for _, status in sent} == {"pending"}
+    assert {event_id for event_id, _ in sent} == event_ids
