@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.exc import DBAPIError
 
 from txsms.core import consent, privacy
 from txsms.core.errors import TemplateError
@@ -36,6 +37,7 @@ from txsms.core.phones import Phone, PhoneError, normalize
 from txsms.core.policy import quiet_until
 from txsms.core.redact import redact_phone
 from txsms.core.rehearsal import CannotRehearse, Rehearsal
+from txsms.core.rehearsal import apply as apply_rehearsals
 from txsms.core.rehearsal import log as note
 from txsms.core.runtime import Runtime
 from txsms.core.storage import (
@@ -44,10 +46,8 @@ from txsms.core.storage import (
     deliveries,
     events,
     insert_ignore,
-    is_sqlite,
     messages,
     order_context,
-    reader,
     recipients,
     sources,
 )
@@ -105,10 +105,11 @@ def ingest(
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
     request = _Request(batch, delivery, phones)
     committer = _committer(runtime)
-    if not committer.grouping and is_sqlite(runtime.engine):
+    if not committer.grouping:
         # Each process writes its own commits (gunicorn's sync workers): keep the work out of
-        # SQLite's one write lock, which all the processes share. Grouped commits amortise it
-        # instead, and there rehearsing would only add a read per request.
+        # SQLite's one write lock, which all the processes share, and on PostgreSQL send the
+        # writes in one round trip. Grouped commits amortise both instead, and there
+        # rehearsing would only add a read per request.
         request.rehearsed = _rehearse(runtime, request)
     results = committer.run(request)
     if results is None:
@@ -143,14 +144,18 @@ def _rehearse(runtime: Runtime, request: _Request) -> _Rehearsed | None:
     deciding out of the time it is held. None: the request is worked out under the lock."""
     if any(e.kind.startswith("privacy.") for e in request.batch):
         return None  # an export writes a file: not something to do twice
-    with reader(runtime.engine) as conn:
-        rehearsal = Rehearsal(conn)
-        try:
+    try:
+        with runtime.readers.connection() as conn:
+            rehearsal = Rehearsal(conn)
             [results] = _work_out(runtime, rehearsal, [request])
-        except CannotRehearse as exc:
-            log.debug("ingest not rehearsed: %s", exc)
-            REHEARSALS.labels("refused").inc()
-            return None
+    except CannotRehearse as exc:
+        log.debug("ingest not rehearsed: %s", exc)
+        REHEARSALS.labels("refused").inc()
+        return None
+    except DBAPIError as exc:  # the work is done under the lock, and fails there if it must
+        log.warning("ingest not rehearsed: %s", type(exc).__name__)
+        REHEARSALS.labels("refused").inc()
+        return None
     return _Rehearsed(rehearsal, results)
 
 
@@ -176,18 +181,12 @@ def _ingest_group(
     database still reads as they saw it, else worked out here."""
     rehearsed = [r.rehearsed for r in requests]
     if all(rehearsed):
-        # The driver's own SAVEPOINT: SQLAlchemy's compiles its statement anew every time.
-        driver = conn.connection.dbapi_connection
-        driver.execute("SAVEPOINT rehearsal")
-        if all(r.rehearsal.replay(conn) for r in rehearsed):
-            driver.execute("RELEASE rehearsal")
+        if apply_rehearsals(conn, [r.rehearsal for r in rehearsed]):
             for r in rehearsed:
                 r.rehearsal.flush_notes()
             REHEARSALS.labels("applied").inc(len(rehearsed))
             return [r.results for r in rehearsed]
-        driver.execute("ROLLBACK TO rehearsal")  # something changed since: work it out again
-        driver.execute("RELEASE rehearsal")
-        REHEARSALS.labels("redone").inc(len(rehearsed))
+        REHEARSALS.labels("redone").inc(len(rehearsed))  # the database changed meanwhile
     return _work_out(runtime, conn, requests)
 
 
@@ -212,6 +211,35 @@ def _work_out(
     return out
 
 
+# Statements built once (building one costs about as much as running it), with every value a
+# parameter: their text never changes, so they compile once, here and for the driver.
+_EVENT_ID = select(events.c.id).where(
+    events.c.source == bindparam("source"), events.c.key == bindparam("key")
+)
+_DECISION_OF = select(messages.c.id, messages.c.status, messages.c.reason).where(
+    messages.c.idempotency_key == bindparam("key")
+)
+# SET takes the columns given at execute; the WHERE's names must differ from theirs.
+_UPDATE_CONTEXT = order_context.update().where(
+    order_context.c.source == bindparam("w_source"),
+    order_context.c.order_ref == bindparam("w_ref"),
+)
+_ADVANCE_CONTEXT = _UPDATE_CONTEXT.where(
+    or_(
+        order_context.c.last_modified.is_(None),
+        order_context.c.last_modified < bindparam("modified"),
+    )
+).values(last_modified=bindparam("modified"), updated_at=bindparam("now"))
+_SENT_TODAY = {
+    dialect: select(func.count())
+    .select_from(messages)
+    .where(
+        messages.c.phone_index == bindparam("index"),
+        messages.c.created_at > bindparam("since"),
+        any_of(messages.c.status, "counted", dialect),
+    )
+    for dialect in DIALECTS
+}
 _CONTEXT_OF = select(order_context.c.context_enc, order_context.c.last_modified.label("at")).where(
     order_context.c.source == bindparam("source"),
     order_context.c.order_ref == bindparam("ref"),
@@ -357,23 +385,18 @@ def _ingest_one(
         ["source", "key"],
     )
     if not inserted:
-        existing = conn.execute(
-            select(events.c.id).where(events.c.source == event.source, events.c.key == event.key)
-        ).scalar_one()
+        existing = conn.execute(_EVENT_ID, {"source": event.source, "key": event.key}).scalar_one()
         if context is not None and context.known and event.order.modified_at is not None:
             # A redelivery can still carry news of the order's age: later, older deliveries
             # must be recognised as stale.
             conn.execute(
-                order_context.update()
-                .where(
-                    order_context.c.source == event.source,
-                    order_context.c.order_ref == event.order.ref,
-                    or_(
-                        order_context.c.last_modified.is_(None),
-                        order_context.c.last_modified < event.order.modified_at,
-                    ),
-                )
-                .values(last_modified=event.order.modified_at, updated_at=now)
+                _ADVANCE_CONTEXT,
+                {
+                    "w_source": event.source,
+                    "w_ref": event.order.ref,
+                    "modified": event.order.modified_at,
+                    "now": now,
+                },
             )
             lookups.contexts.pop((event.source, event.order.ref), None)
         return IngestResult(event.key, "duplicate", existing)
@@ -500,12 +523,7 @@ def _save_order_context(runtime, conn, event: Event, index, context: _Context, n
         if event.order.status is None:
             del values["last_status"]
         conn.execute(
-            order_context.update()
-            .where(
-                order_context.c.source == event.source,
-                order_context.c.order_ref == event.order.ref,
-            )
-            .values(**values)
+            _UPDATE_CONTEXT, {"w_source": event.source, "w_ref": event.order.ref, **values}
         )
     else:
         insert_ignore(
@@ -618,11 +636,7 @@ def _decide(
         if status in ("skipped", "failed"):
             row["finished_at"] = now
         if not insert_ignore(conn, messages, row, ["idempotency_key"]):
-            existing = conn.execute(
-                select(messages.c.id, messages.c.status, messages.c.reason).where(
-                    messages.c.idempotency_key == row["idempotency_key"]
-                )
-            ).one()
+            existing = conn.execute(_DECISION_OF, {"key": row["idempotency_key"]}).one()
             return Decision(*existing)
         if status == "skipped":
             note(
@@ -645,13 +659,8 @@ def _decide(
         return decide("skipped", "category_off")
     if config.policy.max_per_day and not template.urgent:
         sent_today = conn.execute(
-            select(func.count())
-            .select_from(messages)
-            .where(
-                messages.c.phone_index == index,
-                messages.c.created_at > now - 86400,
-                messages.c.status.in_(COUNTED),
-            )
+            _SENT_TODAY[conn.dialect.name],
+            {"index": index, "since": now - 86400, "counted": COUNTED},
         ).scalar_one()
         if sent_today >= config.policy.max_per_day:
             return decide("skipped", "frequency_cap")

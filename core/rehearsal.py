@@ -6,11 +6,11 @@ holds that lock for its whole transaction, so the time a transaction spends in P
 
 A `Rehearsal` stands in for the connection while the unit of work runs without the lock:
 reads go to the database and are remembered with their rows; writes are remembered, not run.
-`replay` then runs the same statements in the same order inside the write transaction. If
+`apply` then runs the same statements in the same order inside the write transaction. If
 every read returns the rows the rehearsal saw and every insert-if-absent inserts, the work
 would have issued exactly these statements had it run there, so applying them is the same as
-running it under the lock. Otherwise `replay` says so, and the caller rolls back to a savepoint
-and runs the work again for real.
+running it under the lock. Otherwise `apply` rolls back to its savepoint and says so, and the
+caller runs the work again for real.
 
 What a rehearsal cannot predict, it refuses (`CannotRehearse`): the result of a write that the
 work goes on to use (a count, RETURNING rows), and anything but reads and writes. A write that
@@ -26,9 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-#: Statement option set by `storage.insert_ignore`: an INSERT … ON CONFLICT DO NOTHING
-#: RETURNING whose one row says the insert happened.
-INSERT_IGNORE = "txsms_insert_ignore"
+from txsms.core.storage import INSERT_IGNORE, for_driver
 
 
 class CannotRehearse(Exception):
@@ -37,9 +35,9 @@ class CannotRehearse(Exception):
 
 @dataclass
 class _Step:
-    statement: Any
+    sql: str  # as the driver takes it, compiled during the rehearsal
     params: Any
-    rows: list | None = None  # a read: the rows it returned; None: a write
+    rows: list[tuple] | None = None  # a read: the rows it returned; None: a write
     inserts: bool = False  # an insert-if-absent that must insert
 
 
@@ -70,43 +68,74 @@ class Rehearsal:
         return self.reader.dialect
 
     def execute(self, statement, parameters=None):
+        if not (statement.is_select or statement.is_dml):
+            raise CannotRehearse(f"a {type(statement).__name__} statement")
+        try:
+            sql, params = for_driver(self.dialect, statement, parameters)
+        except ValueError as exc:
+            raise CannotRehearse(str(exc)) from exc
         if statement.is_select:
             result = self.reader.execute(statement, parameters).freeze()
-            self.steps.append(_Step(statement, parameters, rows=list(result.data)))
+            self.steps.append(_Step(sql, params, rows=[tuple(row) for row in result.data]))
             return result()
         if statement.get_execution_options().get(INSERT_IGNORE):
-            self.steps.append(_Step(statement, parameters, inserts=True))
+            self.steps.append(_Step(sql, params, inserts=True))
             return _Inserted()
-        if not statement.is_dml:
-            raise CannotRehearse(f"a {type(statement).__name__} statement")
         # RETURNING: its rows decide what comes next. (`_returning`, because the public
         # `exported_columns` is memoised, and a `.returning()` copy of a statement whose
         # columns were asked for keeps the old, empty answer.)
         if statement._returning:
             raise CannotRehearse(f"a {type(statement).__name__} … RETURNING")
-        self.steps.append(_Step(statement, parameters))
+        self.steps.append(_Step(sql, params))
         return _BlindResult()
 
     def log(self, logger: logging.Logger, level: int, msg: str, *args) -> None:
         """Log once the work is applied: a rehearsal that is run again must not log twice."""
         self.notes.append((logger, level, msg, args))
 
-    def replay(self, conn: Connection) -> bool:
-        """Apply the recorded statements on `conn` (inside its transaction). False at the first
-        difference from the rehearsal: the caller must then undo what was applied."""
-        for step in self.steps:
-            result = conn.execute(step.statement, step.params)
-            if step.rows is not None:
-                if result.all() != step.rows:
-                    return False
-            elif step.inserts and result.first() is None:
-                return False
-        return True
-
     def flush_notes(self) -> None:
         for logger, level, msg, args in self.notes:
             logger.log(level, msg, *args)
         self.notes.clear()
+
+
+def apply(conn: Connection, rehearsals: list[Rehearsal]) -> bool:
+    """Apply `rehearsals` in order on `conn`, inside its transaction: the same statements,
+    straight to the driver. False, with nothing applied, at the first read that returns other
+    rows than the rehearsal saw or insert-if-absent that inserts nothing: the caller then
+    works them out under the lock."""
+    driver = conn.connection.dbapi_connection
+    steps = [step for r in rehearsals for step in r.steps]
+    driver.execute("SAVEPOINT rehearsal")
+    try:
+        if conn.dialect.name == "postgresql":
+            applied = _pipelined(driver, steps)
+        else:
+            applied = all(_as_rehearsed(s, driver.execute(s.sql, s.params)) for s in steps)
+    except conn.dialect.loaded_dbapi.Error:  # a write that fails: it fails again for real
+        applied = False
+    if not applied:
+        driver.execute("ROLLBACK TO SAVEPOINT rehearsal")
+    # An applied one keeps its savepoint until the commit: no round trip more.
+    return applied
+
+
+def _pipelined(driver, steps: list[_Step]) -> bool:
+    """PostgreSQL: all the statements in one round trip (psycopg's pipeline), then checked.
+    A delivery is about six statements, each a round trip of its own through SQLAlchemy."""
+    with driver.pipeline():
+        cursors = [driver.execute(step.sql, step.params) for step in steps]
+    return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
+
+
+def _as_rehearsed(step: _Step, cursor) -> bool:
+    """The statement's outcome is what the rehearsal assumed. (A read is fetched at once:
+    on SQLite a later write would show in rows still to be fetched.)"""
+    if step.rows is not None:
+        return cursor.fetchall() == step.rows
+    if step.inserts:
+        return cursor.fetchone() is not None
+    return True
 
 
 def log(conn, logger: logging.Logger, level: int, msg: str, *args) -> None:

@@ -77,8 +77,13 @@ class Runtime:
     def committer(self) -> GroupCommitter:
         return GroupCommitter(self.engine)
 
+    @cached_property
+    def readers(self) -> storage.Readers:
+        """Connections for reads outside a write transaction, one per thread."""
+        return storage.Readers(self.engine)
+
     def close(self) -> None:
-        for name in ("committer", "_ingest_committer"):
+        for name in ("committer", "_ingest_committer", "readers"):
             if name in self.__dict__:
                 self.__dict__[name].close()
         if "_relaxed_engine" in self.__dict__:

@@ -11,8 +11,13 @@ import functools
 import json
 import logging
 import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
@@ -38,10 +43,10 @@ from sqlalchemy import (
     make_url,
     select,
 )
+from sqlalchemy.exc import DBAPIError
 
 from txsms.core.config import StorageConfig
 from txsms.core.errors import ConfigError
-from txsms.core.rehearsal import INSERT_IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +289,50 @@ def begin_immediate(dbapi_conn, timeout: float = SQLITE_BUSY_SECONDS) -> None:
 
 
 _READER = "txsms_reader"
+#: Statement option of `insert_ignore`'s statements: an INSERT … ON CONFLICT DO NOTHING
+#: RETURNING whose one row says the insert happened (a rehearsal may assume it does).
+INSERT_IGNORE = "txsms_insert_ignore"
 
 
 def reader(engine: Engine) -> Connection:
-    """A connection for reads outside any write transaction (use it as a context manager).
+    """A connection for reads outside any write transaction (use it as a context manager):
+    each statement reads the latest committed state on its own. On SQLite it never takes the
+    write lock; on PostgreSQL it costs no BEGIN and no ROLLBACK round trip. Writing through it
+    is a mistake."""
+    if is_sqlite(engine):
+        return engine.connect().execution_options(**{_READER: True})
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
-    On SQLite it never takes the write lock: each statement reads the latest committed state
-    on its own. Writing through it is a mistake."""
-    return engine.connect().execution_options(**{_READER: True})
+
+class Readers:
+    """A `reader` connection per thread, kept between uses: no pool check-out (and, on
+    PostgreSQL, no liveness ping) per request."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._made: list[Connection] = []
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = reader(self.engine)
+            with self._lock:
+                self._made.append(conn)
+        try:
+            yield conn
+        except DBAPIError:  # perhaps a dead connection: the next use starts a fresh one
+            self._local.conn = None
+            conn.invalidate()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = self._made, []
+        for conn in made:
+            conn.close()
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -357,6 +398,55 @@ def any_of(col, name: str, dialect: str):
     return col.in_(select(values.c.value))
 
 
+def for_driver(dialect, statement, params: dict | None) -> tuple[str, dict | tuple]:
+    """`statement` with `params` as the driver takes them: SQL text and bound values, each
+    value through its type's bind processing (positional for SQLite). For running many
+    statements without SQLAlchemy's per-execute work, or several at once (PostgreSQL's
+    pipeline), which its execute cannot. ValueError for what this does not cover (an
+    expanding IN, a column default that is not a constant)."""
+    sql, binds = _compiled_for_driver(dialect, statement, tuple(params or ()))
+    values = binds.construct_params(params or {})
+    for name, default in binds.defaults.items():
+        if values.get(name) is None:
+            values[name] = default
+    for name, process in binds.processors.items():
+        if values.get(name) is not None:
+            values[name] = process(values[name])
+    if binds.positions is not None:
+        return sql, tuple(values[name] for name in binds.positions)
+    return sql, values
+
+
+@dataclass(frozen=True)
+class _DriverBinds:
+    construct_params: Callable[[dict], dict]
+    defaults: dict[str, Any]  # columns' own defaults, which SQLAlchemy fills at execute
+    processors: dict[str, Callable]
+    positions: list[str] | None  # the names in order, for a positional paramstyle
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_for_driver(dialect, statement, keys: tuple[str, ...]) -> tuple[str, _DriverBinds]:
+    # Statements are hashed by identity: the hot ones are built once (module constants,
+    # `_insert_ignore_stmt`); one built per call is compiled per call, as SQLAlchemy would.
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    if compiled.post_compile_params:  # an expanding IN: its text depends on the values
+        raise ValueError(f"{statement}: a list parameter that is not `any_of`")
+    defaults = {}
+    for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+        if not column.default.is_scalar:  # no such column yet; it would need SQLAlchemy's
+            raise ValueError(f"{column}: only constant defaults are filled for the driver")
+        defaults[compiled.escaped_bind_names.get(column.key, column.key)] = column.default.arg
+    processors = {}
+    for key, bind in compiled.binds.items():
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors[compiled.escaped_bind_names.get(key, key)] = process
+    return compiled.string, _DriverBinds(
+        compiled.construct_params, defaults, processors, compiled.positiontup
+    )
+
+
 def insert_ignore(conn, table: Table, values: dict, conflict: list[str]) -> bool:
     """INSERT that does nothing when `conflict` columns already exist; True if a row was added.
 
@@ -379,5 +469,5 @@ def _insert_ignore_stmt(dialect: str, table: Table, conflict: tuple[str, ...]):
         insert(table)
         .on_conflict_do_nothing(index_elements=list(conflict))
         .returning(table.c[conflict[0]])  # rowcount is -1 here with psycopg 3; RETURNING is exact
-        .execution_options(**{INSERT_IGNORE: True})  # a rehearsal may assume it inserts
+        .execution_options(**{INSERT_IGNORE: True})
     )

@@ -24,15 +24,33 @@ from test_serve import free_port
 from txsms.core import consent
 from txsms.core.events import Event, OrderRef, Recipient
 from txsms.core.pipeline import _committer, _parse_phone, _rehearse, _Request, ingest
-from txsms.core.rehearsal import CannotRehearse, Rehearsal
+from txsms.core.rehearsal import CannotRehearse, Rehearsal, apply
 from txsms.core.runtime import Runtime
-from txsms.core.storage import deliveries, events, insert_ignore, messages, reader
+from txsms.core.storage import (
+    _insert_ignore_stmt,
+    any_of,
+    deliveries,
+    events,
+    for_driver,
+    insert_ignore,
+    messages,
+    reader,
+)
 
 PHONE = "+1 415 555 0100"
 
 
 @pytest.fixture
-def runtime(tmp_path, sqlite_url):
+def runtime(tmp_path, database_url):
+    """On SQLite and on PostgreSQL (which applies a rehearsal in one round trip)."""
+    runtime = Runtime(make_config(tmp_path, database_url))
+    runtime.prepare_database(migrate=True)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def sqlite_runtime(tmp_path, sqlite_url):
     runtime = Runtime(make_config(tmp_path, sqlite_url))
     runtime.prepare_database(migrate=True)
     yield runtime
@@ -93,7 +111,8 @@ def test_a_rehearsal_writes_nothing_and_its_replay_applies_exactly_what_it_worke
     assert count(runtime, events) == 1 and count(runtime, deliveries) == 1
 
 
-def test_a_rehearsal_never_takes_the_write_lock(runtime, sqlite_url):
+def test_a_rehearsal_never_takes_the_write_lock(sqlite_runtime, sqlite_url):
+    runtime = sqlite_runtime
     holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process is writing
     try:
@@ -217,24 +236,27 @@ def test_a_rehearsal_refuses_what_it_cannot_know(runtime):
     assert count(runtime, deliveries) == 0 and count(runtime, messages) == 0
 
 
-def test_replay_stops_at_the_first_read_that_differs(runtime):
+def rehearse_count_then_insert(runtime, delivery_id: str) -> Rehearsal:
     with reader(runtime.engine) as conn:
         rehearsal = Rehearsal(conn)
-        seen = rehearsal.execute(select(func.count()).select_from(events)).scalar_one()
-        insert_ignore(
-            rehearsal,
-            deliveries,
-            {"source": "a", "delivery_id": "b", "received_at": 1.0},
-            ["source", "delivery_id"],
-        )
-    assert seen == 0
+        assert rehearsal.execute(select(func.count()).select_from(events)).scalar_one() == 0
+        row = {"source": "a", "delivery_id": delivery_id, "received_at": 1.0}
+        insert_ignore(rehearsal, deliveries, row, ["source", "delivery_id"])
+    return rehearsal
+
+
+def test_apply_runs_the_statements_only_while_the_reads_return_what_the_rehearsal_saw(runtime):
+    first = rehearse_count_then_insert(runtime, "b1")
+    late = rehearse_count_then_insert(runtime, "b2")
     with runtime.engine.begin() as conn:
-        assert rehearsal.replay(conn)
+        assert apply(conn, [first])
     assert count(runtime, deliveries) == 1
-    ingest(runtime, [order()])  # now the count reads 1
+
+    ingest(runtime, [order()])  # the count now reads 1
     with runtime.engine.begin() as conn:
-        assert not rehearsal.replay(conn)
-        conn.rollback()
+        assert not apply(conn, [late])
+        # Rolled back to before it, inside the same transaction, which goes on.
+        assert conn.execute(select(func.count()).select_from(deliveries)).scalar_one() == 1
     assert count(runtime, deliveries) == 1
 
 
@@ -324,3 +346,48 @@ def test_two_sync_gunicorn_workers_on_one_sqlite_file_record_each_event_once(tmp
     assert sorted(keys) == sorted(f"order:{n}:created" for n in range(total))
     assert len(sent) == total and {status for _, status in sent} == {"pending"}
     assert {event_id for event_id, _ in sent} == event_ids
+
+
+def test_statements_for_the_driver_carry_defaults_bind_processing_and_order(sqlite_runtime):
+    dialect = sqlite_runtime.engine.dialect
+    row = {"id": "m1", "event_id": "e1", "source": "api", "kind": "order.created"}
+    sql, params = for_driver(dialect, _insert_ignore_stmt("sqlite", messages, ("id",)), row)
+    # SQLite is positional: the values in the statement's order, with the columns' own
+    # defaults (urgent, attempts, in_flight) that SQLAlchemy would fill at execute.
+    names = sql[sql.index("(") + 1 : sql.index(")")].split(", ")
+    assert dict(zip(names, params, strict=True)) == {
+        **row,
+        "urgent": False,
+        "attempts": 0,
+        "in_flight": False,
+    }
+    lookup = select(events.c.id).where(any_of(events.c.id, "ids", "sqlite"))
+    assert for_driver(dialect, lookup, {"ids": ["a", "b"]})[1] == ('["a", "b"]',)  # as JSON
+    with pytest.raises(ValueError, match="any_of"):
+        for_driver(dialect, select(events.c.id).where(events.c.kind.in_(["a", "b"])), None)
+
+
+def test_a_statement_the_driver_path_does_not_cover_is_not_rehearsed(sqlite_runtime):
+    with reader(sqlite_runtime.engine) as conn:
+        rehearsal = Rehearsal(conn)
+        with pytest.raises(CannotRehearse, match="any_of"):
+            rehearsal.execute(select(events.c.id).where(events.c.kind.in_(["a", "b"])))
+    assert rehearsal.steps == []
+
+
+def test_a_frequency_cap_is_decided_from_rehearsed_reads(tmp_path, database_url):
+    runtime = Runtime(make_config(tmp_path, database_url, policy={"max_per_day": 1}))
+    runtime.prepare_database(migrate=True)
+    try:
+        ingest(runtime, [order(1)])
+        second = rehearsed(runtime, [order(2)])
+        assert second.rehearsed is not None
+        assert second.rehearsed.results[0].messages[0].reason == "frequency_cap"
+        [result] = _committer(runtime).run(second)
+        assert result is second.rehearsed.results[0]
+        assert sorted((r.status, r.reason) for r in message_rows(runtime)) == [
+            ("pending", None),
+            ("skipped", "frequency_cap"),
+        ]
+    finally:
+        runtime.close()
