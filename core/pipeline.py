@@ -111,6 +111,8 @@ def ingest(
         # writes in one round trip. Grouped commits amortise both instead, and there
         # rehearsing would only add a read per request.
         request.rehearsed = _rehearse(runtime, request)
+    else:
+        runtime.readers.release()  # this thread's, if it rehearsed before the grouping began
     results = committer.run(request)
     if results is None:
         return None

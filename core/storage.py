@@ -325,8 +325,20 @@ class Readers:
             yield conn
         except DBAPIError:  # perhaps a dead connection: the next use starts a fresh one
             self._local.conn = None
+            with self._lock:
+                self._made.remove(conn)
             conn.invalidate()
+            conn.close()
             raise
+
+    def release(self) -> None:
+        """Give this thread's connection back to the pool (it has stopped reading here)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._lock:
+                self._made.remove(conn)
+            conn.close()
 
     def close(self) -> None:
         with self._lock:

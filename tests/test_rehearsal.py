@@ -18,6 +18,7 @@ from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 from test_scaleout import _healthy
 from test_serve import free_port
 
@@ -391,3 +392,49 @@ def test_a_frequency_cap_is_decided_from_rehearsed_reads(tmp_path, database_url)
         ]
     finally:
         runtime.close()
+
+
+def test_a_thread_keeps_its_reader_until_it_releases_it(sqlite_runtime):
+    readers = sqlite_runtime.readers
+    with readers.connection() as first:
+        pass
+    with readers.connection() as again:
+        assert again is first  # no check-out per request
+    other: list = []
+
+    def elsewhere() -> None:
+        with readers.connection() as conn:
+            other.append(conn)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(10)
+    assert other and other[0] is not first
+    readers.release()
+    assert first.closed
+    with readers.connection() as fresh:
+        assert fresh is not first and fresh.execute(select(1)).scalar_one() == 1
+    readers.close()
+    assert fresh.closed and other[0].closed
+
+
+def test_a_reader_that_fails_is_replaced(sqlite_runtime):
+    readers = sqlite_runtime.readers
+    with pytest.raises(DBAPIError), readers.connection() as broken:
+        broken.execute(text("SELECT * FROM no_such_table"))
+    with readers.connection() as conn:
+        assert conn is not broken and conn.execute(select(1)).scalar_one() == 1
+
+
+def test_once_commits_are_grouped_a_thread_gives_its_reader_back(runtime):
+    checked_out = runtime.engine.pool.checkedout
+    ingest(runtime, [order(1)])  # one request at a time: rehearsed, the reader kept
+    held = checked_out()
+    committer = _committer(runtime)
+    committer.submit(rehearsed(runtime, [order(2)])).result(10)  # callers overlapped
+    assert committer.grouping
+
+    [result] = ingest(runtime, [order(3)])
+
+    assert result.status == "accepted"
+    assert checked_out() == held - 1
