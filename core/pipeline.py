@@ -141,9 +141,10 @@ class _Rehearsed:
 
 
 def _rehearse(runtime: Runtime, request: _Request) -> _Rehearsed | None:
-    """Work the request out before the write lock (see core/rehearsal.py): on SQLite the
-    receivers of all processes share one writer, and this keeps the encrypting, rendering and
-    deciding out of the time it is held. None: the request is worked out under the lock."""
+    """Work the request out before the write transaction (see core/rehearsal.py): on SQLite
+    the receivers of all processes share one writer, and this keeps the encrypting, rendering
+    and deciding out of the time it is held; on PostgreSQL its writes then go in one round
+    trip. None: the request is worked out in the transaction."""
     if any(e.kind.startswith("privacy.") for e in request.batch):
         return None  # an export writes a file: not something to do twice
     try:

@@ -4,6 +4,9 @@ SQLite has one writer per database. When several processes write (gunicorn worke
 holds that lock for its whole transaction, so the time a transaction spends in Python
 (encrypting, rendering, deciding) while holding it caps the throughput of all of them together.
 
+PostgreSQL has no such lock, but there each statement is a round trip: applied, a rehearsal's
+statements go in one (psycopg's pipeline), BEGIN included, then COMMIT.
+
 A `Rehearsal` stands in for the connection while the unit of work runs without the lock:
 reads go to the database and are remembered with their rows; writes are remembered, not run.
 `apply` then runs the same statements in the same order inside the write transaction. If

@@ -416,11 +416,10 @@ def for_driver(dialect, statement, params: dict | None) -> tuple[str, dict | tup
     statements without SQLAlchemy's per-execute work, or several at once (PostgreSQL's
     pipeline), which its execute cannot. ValueError for what this does not cover (an
     expanding IN, a column default that is not a constant)."""
-    sql, binds = _compiled_for_driver(dialect, statement, tuple(params or ()))
-    values = binds.construct_params(params or {})
-    for name, default in binds.defaults.items():
-        if values.get(name) is None:
-            values[name] = default
+    params = params or {}
+    sql, binds = _compiled_for_driver(dialect, statement, tuple(params))
+    values = binds.construct_params(params)
+    values.update(binds.defaults)  # only columns not given have one: they are compiled in
     for name, process in binds.processors.items():
         if values.get(name) is not None:
             values[name] = process(values[name])

@@ -438,3 +438,14 @@ def test_once_commits_are_grouped_a_thread_gives_its_reader_back(runtime):
 
     assert result.status == "accepted"
     assert checked_out() == held - 1
+
+
+def test_a_column_default_fills_only_a_column_not_given(sqlite_runtime):
+    dialect = sqlite_runtime.engine.dialect
+    stmt = _insert_ignore_stmt("sqlite", messages, ("id",))
+    row = {"id": "m1", "event_id": "e1", "source": "api", "kind": "k", "attempts": None}
+    sql, params = for_driver(dialect, stmt, row)
+    names = sql[sql.index("(") + 1 : sql.index(")")].split(", ")
+    given = dict(zip(names, params, strict=True))
+    assert given["attempts"] is None  # a None given stays None
+    assert given["in_flight"] == 0  # not given: its default, as SQLite stores a boolean
