@@ -23,11 +23,15 @@ the same state.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 from txsms.core.storage import INSERT_IGNORE, for_driver
 
@@ -42,6 +46,55 @@ class _Step:
     params: Any
     rows: list[tuple] | None = None  # a read: the rows it returned; None: a write
     inserts: bool = False  # an insert-if-absent that must insert
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How SQLAlchemy would hand back a statement's rows: named, each value converted as its
+    column's type says (a SQLite boolean, a PostgreSQL numeric)."""
+
+    row: type
+    convert: tuple[Callable | None, ...]
+
+    def __call__(self, values: tuple):
+        return self.row(*(f(v) if f else v for f, v in zip(self.convert, values, strict=True)))
+
+
+@functools.lru_cache(maxsize=256)
+def _reading(dialect, statement, type_codes: tuple) -> _Reading:
+    columns = list(statement.selected_columns)
+    convert = tuple(
+        column.type.dialect_impl(dialect).result_processor(dialect, code)
+        for column, code in zip(columns, type_codes, strict=True)
+    )
+    return _Reading(namedtuple("Row", [c.key for c in columns], rename=True), convert)
+
+
+class _Rows:
+    """The part of SQLAlchemy's Result that a unit of work uses, over the driver's rows."""
+
+    def __init__(self, reading: _Reading, rows: list[tuple]):
+        self._rows = [reading(row) for row in rows]
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def all(self) -> list:
+        return list(self._rows)
+
+    def first(self):
+        return self._rows[0] if self._rows else None
+
+    def one(self):
+        if len(self._rows) != 1:
+            raise NoResultFound if not self._rows else MultipleResultsFound
+        return self._rows[0]
+
+    def scalar(self):
+        return self._rows[0][0] if self._rows else None
+
+    def scalar_one(self):
+        return self.one()[0]
 
 
 class _BlindResult:
@@ -77,10 +130,12 @@ class Rehearsal:
             sql, params = for_driver(self.dialect, statement, parameters)
         except ValueError as exc:
             raise CannotRehearse(str(exc)) from exc
-        if statement.is_select:
-            result = self.reader.execute(statement, parameters).freeze()
-            self.steps.append(_Step(sql, params, rows=[tuple(row) for row in result.data]))
-            return result()
+        if statement.is_select:  # read straight from the driver too: no second compile
+            cursor = self.reader.connection.dbapi_connection.execute(sql, params)
+            rows = cursor.fetchall()
+            self.steps.append(_Step(sql, params, rows=rows))
+            codes = tuple(column[1] for column in cursor.description)
+            return _Rows(_reading(self.dialect, statement, codes), rows)
         if statement.get_execution_options().get(INSERT_IGNORE):
             self.steps.append(_Step(sql, params, inserts=True))
             return _Inserted()

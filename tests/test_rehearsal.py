@@ -17,8 +17,8 @@ import requests
 from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import func, literal, select, text
+from sqlalchemy.exc import DBAPIError, NoResultFound
 from test_scaleout import _healthy
 from test_serve import free_port
 
@@ -449,3 +449,20 @@ def test_a_column_default_fills_only_a_column_not_given(sqlite_runtime):
     given = dict(zip(names, params, strict=True))
     assert given["attempts"] is None  # a None given stays None
     assert given["in_flight"] == 0  # not given: its default, as SQLite stores a boolean
+
+
+def test_rehearsed_reads_come_back_as_sqlalchemy_would_hand_them(runtime):
+    ingest(runtime, [order(1)])
+    with runtime.readers.connection() as conn:
+        rehearsal = Rehearsal(conn)
+        query = select(messages.c.urgent, messages.c.attempts, messages.c.kind.label("what"))
+        [row] = rehearsal.execute(query).all()
+        assert (row.urgent, row.attempts, row.what) == (False, 0, "order.created")
+        assert row.urgent is False  # SQLite stores 0: converted as SQLAlchemy converts it
+        assert rehearsal.execute(select(literal(True))).scalar_one() is True
+        nothing = select(events.c.id).where(events.c.key == "none")
+        assert rehearsal.execute(nothing).first() is None
+        assert rehearsal.execute(nothing).scalar() is None
+        with pytest.raises(NoResultFound):
+            rehearsal.execute(nothing).one()
+    assert [len(step.rows) for step in rehearsal.steps] == [1, 1, 0, 0, 0]
