@@ -46,6 +46,7 @@ from txsms.core.storage import (
     deliveries,
     events,
     insert_ignore,
+    is_sqlite,
     messages,
     order_context,
     recipients,
@@ -105,14 +106,14 @@ def ingest(
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
     request = _Request(batch, delivery, phones)
     committer = _committer(runtime)
-    if not committer.grouping:
-        # Each process writes its own commits (gunicorn's sync workers): keep the work out of
-        # SQLite's one write lock, which all the processes share, and on PostgreSQL send the
-        # writes in one round trip. Grouped commits amortise both instead, and there
-        # rehearsing would only add a read per request.
-        request.rehearsed = _rehearse(runtime, request)
-    else:
+    if committer.grouping:  # grouped commits amortise the lock and the round trips instead
         runtime.readers.release()  # this thread's, if it rehearsed before the grouping began
+    elif is_sqlite(runtime.engine):
+        # One request at a time (gunicorn's sync workers): work it out before SQLite's one
+        # write lock, which all the processes share, and hold the lock only to apply it.
+        request.rehearsed = _rehearse_outside(runtime, request)
+    else:
+        request.rehearse = True  # PostgreSQL: the writes of the transaction in one round trip
     results = committer.run(request)
     if results is None:
         return None
@@ -131,35 +132,39 @@ class _Request:
     batch: list[Event]
     delivery: tuple[str, str] | None
     phones: dict[tuple, tuple[Phone | None, str | None]]
-    rehearsed: _Rehearsed | None = None
+    rehearsed: _Rehearsed | None = None  # SQLite: worked out before the transaction
+    rehearse: bool = False  # PostgreSQL: to be worked out in it, its writes sent together
 
 
 @dataclass(frozen=True)
 class _Rehearsed:
     rehearsal: Rehearsal
-    results: list[IngestResult] | None
+    results: list[list[IngestResult] | None]  # one per request rehearsed
 
 
-def _rehearse(runtime: Runtime, request: _Request) -> _Rehearsed | None:
-    """Work the request out before the write transaction (see core/rehearsal.py): on SQLite
-    the receivers of all processes share one writer, and this keeps the encrypting, rendering
-    and deciding out of the time it is held; on PostgreSQL its writes then go in one round
-    trip. None: the request is worked out in the transaction."""
-    if any(e.kind.startswith("privacy.") for e in request.batch):
+def _rehearse(runtime: Runtime, conn: Connection, requests: list[_Request], *, inside: bool):
+    """Work `requests` out against a rehearsal (core/rehearsal.py) reading through `conn`:
+    outside the write transaction, or `inside` it. None: they are worked out for real."""
+    if any(e.kind.startswith("privacy.") for r in requests for e in r.batch):
         return None  # an export writes a file: not something to do twice
+    rehearsal = Rehearsal(conn, in_transaction=inside)
     try:
-        with runtime.readers.connection() as conn:
-            rehearsal = Rehearsal(conn)
-            [results] = _work_out(runtime, rehearsal, [request])
+        results = _work_out(runtime, rehearsal, requests)
     except CannotRehearse as exc:
         log.debug("ingest not rehearsed: %s", exc)
         REHEARSALS.labels("refused").inc()
         return None
+    return _Rehearsed(rehearsal, results)
+
+
+def _rehearse_outside(runtime: Runtime, request: _Request) -> _Rehearsed | None:
+    try:
+        with runtime.readers.connection() as conn:
+            return _rehearse(runtime, conn, [request], inside=False)
     except DBAPIError as exc:  # the work is done under the lock, and fails there if it must
         log.warning("ingest not rehearsed: %s", type(exc).__name__)
         REHEARSALS.labels("refused").inc()
         return None
-    return _Rehearsed(rehearsal, results)
 
 
 _committer_lock = threading.Lock()
@@ -180,17 +185,28 @@ def _committer(runtime: Runtime) -> GroupCommitter:
 def _ingest_group(
     runtime: Runtime, conn: Connection, requests: list[_Request]
 ) -> list[list[IngestResult] | None]:
-    """Ingest the requests that queued up together: their rehearsals applied when the
-    database still reads as they saw it, else worked out here."""
-    rehearsed = [r.rehearsed for r in requests]
-    if all(rehearsed):
-        if apply_rehearsals(conn, [r.rehearsal for r in rehearsed]):
-            for r in rehearsed:
-                r.rehearsal.flush_notes()
-            REHEARSALS.labels("applied").inc(len(rehearsed))
-            return [r.results for r in rehearsed]
-        REHEARSALS.labels("redone").inc(len(rehearsed))  # the database changed meanwhile
+    """Ingest the requests that queued up together: rehearsed and applied where that pays
+    (one request at a time), else worked out here."""
+    if all(r.rehearse for r in requests):
+        rehearsed = _rehearse(runtime, conn, requests, inside=True)
+        if rehearsed is not None and _applied(conn, [rehearsed]):
+            return rehearsed.results
+    elif all(r.rehearsed for r in requests):
+        rehearsals = [r.rehearsed for r in requests]
+        if _applied(conn, rehearsals):
+            return [result for r in rehearsals for result in r.results]
     return _work_out(runtime, conn, requests)
+
+
+def _applied(conn: Connection, rehearsed: list[_Rehearsed]) -> bool:
+    """Apply the rehearsals; False when the database no longer reads as they saw it."""
+    if not apply_rehearsals(conn, [r.rehearsal for r in rehearsed]):
+        REHEARSALS.labels("redone").inc(len(rehearsed))
+        return False
+    for r in rehearsed:
+        r.rehearsal.flush_notes()
+    REHEARSALS.labels("applied").inc(len(rehearsed))
+    return True
 
 
 def _work_out(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
+from conftest import API_TOKEN, INDEX_KEY, KEY, PG_SKIP, make_config, pg_schema, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
 from sqlalchemy import func, literal, select, text
@@ -22,9 +22,9 @@ from sqlalchemy.exc import DBAPIError, NoResultFound
 from test_scaleout import _healthy
 from test_serve import free_port
 
-from txsms.core import consent
+from txsms.core import consent, pipeline
 from txsms.core.events import Event, OrderRef, Recipient
-from txsms.core.pipeline import _committer, _parse_phone, _rehearse, _Request, ingest
+from txsms.core.pipeline import _committer, _parse_phone, _rehearse_outside, _Request, ingest
 from txsms.core.rehearsal import CannotRehearse, Rehearsal, apply
 from txsms.core.runtime import Runtime
 from txsms.core.storage import (
@@ -42,17 +42,21 @@ PHONE = "+1 415 555 0100"
 
 
 @pytest.fixture
-def runtime(tmp_path, database_url):
-    """On SQLite and on PostgreSQL (which applies a rehearsal in one round trip)."""
-    runtime = Runtime(make_config(tmp_path, database_url))
+def runtime(tmp_path, sqlite_url):
+    """SQLite: a receiver serving one request at a time rehearses before the transaction."""
+    runtime = Runtime(make_config(tmp_path, sqlite_url))
     runtime.prepare_database(migrate=True)
     yield runtime
     runtime.close()
 
 
+sqlite_runtime = runtime
+
+
 @pytest.fixture
-def sqlite_runtime(tmp_path, sqlite_url):
-    runtime = Runtime(make_config(tmp_path, sqlite_url))
+def any_runtime(tmp_path, database_url):
+    """SQLite, and PostgreSQL, where the rehearsal runs inside the write transaction."""
+    runtime = Runtime(make_config(tmp_path, database_url))
     runtime.prepare_database(migrate=True)
     yield runtime
     runtime.close()
@@ -70,9 +74,10 @@ def order(n: int = 1, phone: str | None = PHONE, **kw) -> Event:
 
 
 def rehearsed(runtime, batch, delivery=None) -> _Request:
+    """A request as a SQLite receiver serving one at a time makes it: rehearsed already."""
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
     request = _Request(batch, delivery, phones)
-    request.rehearsed = _rehearse(runtime, request)
+    request.rehearsed = _rehearse_outside(runtime, request)
     return request
 
 
@@ -94,7 +99,7 @@ def test_a_rehearsal_writes_nothing_and_its_replay_applies_exactly_what_it_worke
     applied = rehearsals("applied")
     request = rehearsed(runtime, [order()], delivery=("api", "d-1"))
     assert request.rehearsed is not None
-    [planned] = request.rehearsed.results
+    [[planned]] = request.rehearsed.results
     assert planned.status == "accepted"
     assert (count(runtime, events), count(runtime, messages), count(runtime, deliveries)) == (
         0,
@@ -132,7 +137,7 @@ def test_a_rehearsal_never_takes_the_write_lock(sqlite_runtime, sqlite_url):
 def test_an_opt_out_recorded_after_the_rehearsal_is_honoured(runtime, caplog):
     caplog.set_level(logging.INFO, logger="txsms.core.pipeline")
     request = rehearsed(runtime, [order()])
-    assert request.rehearsed.results[0].messages[0].status == "pending"
+    assert request.rehearsed.results[0][0].messages[0].status == "pending"
     index = runtime.vault.index("+14155550100")
     with runtime.engine.begin() as conn:  # a STOP arrives before the lock is taken
         consent.record(conn, runtime.vault, index, scope="all", action="opt_out", source="reply")
@@ -187,7 +192,75 @@ def test_skip_logs_of_a_rehearsal_wait_for_its_replay(runtime, caplog):
     ]
 
 
-def test_work_whose_write_results_matter_is_not_rehearsed_and_still_ingested(runtime):
+def test_a_read_after_a_held_back_write_is_checked_when_applied(any_runtime):
+    """Two events of one order in one request: the second reads the order's context, which
+    the first stored. Its rehearsal cannot see that write, so applying finds the read
+    changed and works the request out for real: the second is addressed from the first."""
+    created = order(1, order=OrderRef("o1"))
+    paid = Event(
+        source="api",
+        kind="order.paid",
+        key="order:1:paid",
+        order=OrderRef("o1"),
+        data={"order": {"number": "#1", "total": "$5.00"}},
+    )
+    redone = rehearsals("redone")
+
+    first, second = ingest(any_runtime, [created, paid])
+
+    assert rehearsals("redone") == redone + 1
+    assert [d.status for d in first.messages + second.messages] == ["pending", "pending"]
+
+
+@pytest.fixture
+def pg_runtime(tmp_path):
+    if PG_SKIP:
+        pytest.skip(PG_SKIP)
+    with pg_schema() as url:
+        runtime = Runtime(make_config(tmp_path, url))
+        runtime.prepare_database(migrate=True)
+        yield runtime
+        runtime.close()
+
+
+def test_a_conflict_committed_while_a_rehearsal_was_applied_is_caught(pg_runtime, monkeypatch):
+    """On PostgreSQL the rehearsal runs inside the transaction: what can still change before
+    its writes is a row another receiver commits, which its insert-if-absent then finds."""
+    applying = pipeline.apply_rehearsals
+
+    def another_receiver_first(conn, rehearsals_):
+        with pg_runtime.engine.begin() as other:
+            row = {"source": "api", "delivery_id": "d-1", "received_at": 1.0}
+            insert_ignore(other, deliveries, row, ["source", "delivery_id"])
+        return applying(conn, rehearsals_)
+
+    monkeypatch.setattr(pipeline, "apply_rehearsals", another_receiver_first)
+    redone = rehearsals("redone")
+
+    assert ingest(pg_runtime, [order()], delivery=("api", "d-1")) is None
+
+    assert rehearsals("redone") == redone + 1
+    assert count(pg_runtime, events) == 0 and count(pg_runtime, messages) == 0
+
+
+def test_a_rehearsal_is_applied_and_logs_once(any_runtime, caplog):
+    caplog.set_level(logging.INFO, logger="txsms.core.pipeline")
+    applied = rehearsals("applied")
+
+    [result] = ingest(any_runtime, [order(phone=None)], delivery=("api", "d-1"))
+
+    assert rehearsals("applied") == applied + 1
+    [decision] = result.messages
+    [row] = message_rows(any_runtime)
+    assert (row.id, row.status, row.reason) == (decision.id, "skipped", "no_phone")
+    assert count(any_runtime, deliveries) == 1 and count(any_runtime, events) == 1
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        f"message {decision.id} order.created skipped: no_phone"
+    ]
+
+
+def test_work_whose_write_results_matter_is_not_rehearsed_and_still_ingested(any_runtime):
+    runtime = any_runtime
     booked = Event(
         source="api",
         kind="appointment.reminder",
@@ -205,12 +278,10 @@ def test_work_whose_write_results_matter_is_not_rehearsed_and_still_ingested(run
         data={"kinds": ["appointment.reminder"], "reason": "appointment_cancelled"},
     )
     refused = rehearsals("refused")
-    request = rehearsed(runtime, [cancel])
-    assert request.rehearsed is None  # it logs how many it cancelled: a count of a write
-    assert rehearsals("refused") == refused + 1
 
-    [result] = _committer(runtime).run(request)
+    [result] = ingest(runtime, [cancel])
 
+    assert rehearsals("refused") == refused + 1  # it logs how many: a count of a write
     assert result.status == "accepted"
     [row] = message_rows(runtime)
     assert (row.status, row.reason) == ("cancelled", "appointment_cancelled")
@@ -381,11 +452,10 @@ def test_a_frequency_cap_is_decided_from_rehearsed_reads(tmp_path, database_url)
     runtime.prepare_database(migrate=True)
     try:
         ingest(runtime, [order(1)])
-        second = rehearsed(runtime, [order(2)])
-        assert second.rehearsed is not None
-        assert second.rehearsed.results[0].messages[0].reason == "frequency_cap"
-        [result] = _committer(runtime).run(second)
-        assert result is second.rehearsed.results[0]
+        applied = rehearsals("applied")
+        [second] = ingest(runtime, [order(2)])
+        assert rehearsals("applied") == applied + 1
+        assert second.messages[0].reason == "frequency_cap"
         assert sorted((r.status, r.reason) for r in message_rows(runtime)) == [
             ("pending", None),
             ("skipped", "frequency_cap"),
@@ -451,7 +521,8 @@ def test_a_column_default_fills_only_a_column_not_given(sqlite_runtime):
     assert given["in_flight"] == 0  # not given: its default, as SQLite stores a boolean
 
 
-def test_rehearsed_reads_come_back_as_sqlalchemy_would_hand_them(runtime):
+def test_rehearsed_reads_come_back_as_sqlalchemy_would_hand_them(any_runtime):
+    runtime = any_runtime
     ingest(runtime, [order(1)])
     with runtime.readers.connection() as conn:
         rehearsal = Rehearsal(conn)
@@ -466,3 +537,28 @@ def test_rehearsed_reads_come_back_as_sqlalchemy_would_hand_them(runtime):
         with pytest.raises(NoResultFound):
             rehearsal.execute(nothing).one()
     assert [len(step.rows) for step in rehearsal.steps] == [1, 1, 0, 0, 0]
+
+
+def test_a_read_only_a_held_back_update_changes_is_checked_when_applied(any_runtime):
+    """A known order, then one request with its paid (newer) and fulfilled (older) deliveries:
+    paid updates the stored context (a write whose result is not used), fulfilled reads it.
+    Only that read can tell that fulfilled is stale: no insert conflicts."""
+
+    def step(kind: str, modified: float) -> Event:
+        return Event(
+            source="api",
+            kind=kind,
+            key=f"order:1:{kind}",
+            order=OrderRef("o1", modified_at=modified),
+            data={"order": {"number": "#1", "total": "$5.00"}},
+        )
+
+    ingest(any_runtime, [order(1, order=OrderRef("o1", modified_at=100.0))])
+    redone = rehearsals("redone")
+
+    paid, fulfilled = ingest(
+        any_runtime, [step("order.paid", 200.0), step("order.fulfilled", 150.0)]
+    )
+
+    assert (paid.status, fulfilled.status) == ("accepted", "stale")
+    assert rehearsals("redone") == redone + 1
