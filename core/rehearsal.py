@@ -9,8 +9,9 @@ runs inside the write transaction, its reads as they would be (the first with BE
 writes are applied together in one round trip (psycopg's pipeline), then COMMIT: three in
 all where a delivery took eight. Reads made there before any write need no second look.
 
-A `Rehearsal` stands in for the connection while the unit of work runs without the lock:
-reads go to the database and are remembered with their rows; writes are remembered, not run.
+A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
+the lock): reads go to the database and are remembered with their rows; writes are remembered,
+not run.
 `apply` then runs the same statements in the same order inside the write transaction. If
 every read returns the rows the rehearsal saw and every insert-if-absent inserts, the work
 would have issued exactly these statements had it run there, so applying them is the same as
