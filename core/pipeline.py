@@ -142,7 +142,9 @@ class _Rehearsed:
     results: list[list[IngestResult] | None]  # one per request rehearsed
 
 
-def _rehearse(runtime: Runtime, conn: Connection, requests: list[_Request], *, inside: bool):
+def _rehearse(
+    runtime: Runtime, conn: Connection, requests: list[_Request], *, inside: bool
+) -> _Rehearsed | None:
     """Work `requests` out against a rehearsal (core/rehearsal.py) reading through `conn`:
     outside the write transaction, or `inside` it. None: they are worked out for real."""
     if any(e.kind.startswith("privacy.") for r in requests for e in r.batch):
