@@ -106,14 +106,15 @@ def ingest(
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
     request = _Request(batch, delivery, phones)
     committer = _committer(runtime)
-    if committer.grouping:  # grouped commits amortise the lock and the round trips instead
-        runtime.readers.release()  # this thread's, if it rehearsed before the grouping began
-    elif is_sqlite(runtime.engine):
+    if not committer.grouping and is_sqlite(runtime.engine):
         # One request at a time (gunicorn's sync workers): work it out before SQLite's one
         # write lock, which all the processes share, and hold the lock only to apply it.
         request.rehearsed = _rehearse_outside(runtime, request)
     else:
-        request.rehearse = True  # PostgreSQL: the writes of the transaction in one round trip
+        # Grouped commits (one writer thread) and PostgreSQL: worked out in the transaction,
+        # the writes then sent straight to the driver (in one round trip on PostgreSQL).
+        runtime.readers.release()  # this thread's, if it rehearsed before the grouping began
+        request.rehearse = True
     results = committer.run(request)
     if results is None:
         return None

@@ -81,6 +81,12 @@ def rehearsed(runtime, batch, delivery=None) -> _Request:
     return request
 
 
+def rehearsed_inside(runtime, batch) -> _Request:
+    """A request as the writer thread of grouped commits gets it: to be worked out there."""
+    phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
+    return _Request(batch, None, phones, rehearse=True)
+
+
 def rehearsals(outcome: str) -> float:
     return REGISTRY.get_sample_value("txsms_ingest_rehearsals_total", {"outcome": outcome}) or 0
 
@@ -562,3 +568,27 @@ def test_a_read_only_a_held_back_update_changes_is_checked_when_applied(any_runt
 
     assert (paid.status, fulfilled.status) == ("accepted", "stale")
     assert rehearsals("redone") == redone + 1
+
+
+def test_grouped_requests_are_worked_out_in_the_transaction_and_applied(any_runtime):
+    committer = _committer(any_runtime)
+    committer.submit(rehearsed_inside(any_runtime, [order(0)])).result(10)  # callers overlapped
+    assert committer.grouping
+    applied = rehearsals("applied")
+    results: list = []
+
+    def post(n: int) -> None:
+        results.extend(ingest(any_runtime, [order(n, phone=f"+1 415 555 01{n % 3:02d}")]))
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(1, 13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert sorted(r.status for r in results) == ["accepted"] * 12
+    assert rehearsals("applied") > applied  # groups of them applied, none worked out twice
+    assert rehearsals("applied") - applied <= 12
+    rows = message_rows(any_runtime)
+    assert len(rows) == 13 and {r.status for r in rows} == {"pending"}
+    assert {r.id for r in rows} >= {d.id for r in results for d in r.messages}
