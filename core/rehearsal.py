@@ -4,10 +4,12 @@ SQLite has one writer per database. When several processes write (gunicorn worke
 holds that lock for its whole transaction, so the time a transaction spends in Python
 (encrypting, rendering, deciding) while holding it caps the throughput of all of them together.
 
-PostgreSQL has no such lock, but there each statement is a round trip. There the rehearsal
-runs inside the write transaction, its reads as they would be (the first with BEGIN), and its
-writes are applied together in one round trip (psycopg's pipeline), then COMMIT: three in
-all where a delivery took eight. Reads made there before any write need no second look.
+PostgreSQL has no such lock, but there each statement is a round trip. There, and where one
+writer thread commits the requests of a process in groups, the rehearsal runs inside the write
+transaction, its reads as they would be (on PostgreSQL the first with BEGIN), and its writes
+are applied together (in one round trip: psycopg's pipeline), then COMMIT: on PostgreSQL three
+round trips where a delivery took eight. Reads made there before any write need no second
+look, and no statement goes through SQLAlchemy's per-execute work.
 
 A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
 the lock): reads go to the database and are remembered with their rows; writes are remembered,
