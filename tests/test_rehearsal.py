@@ -50,7 +50,10 @@ def runtime(tmp_path, sqlite_url):
     runtime.close()
 
 
-sqlite_runtime = runtime
+@pytest.fixture
+def sqlite_runtime(runtime):
+    """Where the test is about SQLite itself (its lock, its types), whatever the others do."""
+    return runtime
 
 
 @pytest.fixture
