@@ -121,6 +121,18 @@ def runtime(runtime_factory) -> Runtime:
     return runtime_factory()
 
 
+@pytest.fixture
+def pg_runtime(tmp_path) -> Iterator[Runtime]:
+    """A runtime on a PostgreSQL schema of its own (tests of PostgreSQL-only behaviour)."""
+    if PG_SKIP:
+        pytest.skip(PG_SKIP)
+    with pg_schema() as url:
+        runtime = Runtime(make_config(tmp_path, url))
+        runtime.prepare_database(migrate=True)
+        yield runtime
+        runtime.close()
+
+
 def twilio_section(fake: FakeTwilio, **extra: Any) -> dict[str, Any]:
     """The `[provider]` table pointing at a FakeTwilio."""
     from fakes.twilio import FROM_NUMBER

@@ -6,13 +6,11 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import PG_SKIP, make_config, pg_schema
 from sqlalchemy import func, select
 
 from txsms.core import consent
 from txsms.core.events import Consent, Event, Recipient
 from txsms.core.pipeline import ingest
-from txsms.core.runtime import Runtime
 from txsms.core.storage import events, messages
 
 PHONE = "+1 415 555 0100"  # America/Los_Angeles
@@ -382,18 +380,6 @@ def test_a_message_that_would_go_after_it_expires_is_skipped(runtime_factory):
     )
     ingest(runtime, [reminder])  # quiet hours would hold it until 08:00, after the start
     assert (rows(runtime)[0].status, rows(runtime)[0].reason) == ("skipped", "expired")
-
-
-@pytest.fixture
-def pg_runtime(tmp_path):
-    """A runtime on a PostgreSQL schema of its own (tests of PostgreSQL-only behaviour)."""
-    if PG_SKIP:
-        pytest.skip(PG_SKIP)
-    with pg_schema() as url:
-        runtime = Runtime(make_config(tmp_path, url))
-        runtime.prepare_database(migrate=True)
-        yield runtime
-        runtime.close()
 
 
 def test_postgresql_notifies_workers_when_a_message_becomes_due_and_only_then(pg_runtime):

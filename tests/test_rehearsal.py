@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_TOKEN, INDEX_KEY, KEY, PG_SKIP, make_config, pg_schema, to_toml
+from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
 from sqlalchemy import func, literal, select, text
@@ -57,12 +57,9 @@ def sqlite_runtime(runtime):
 
 
 @pytest.fixture
-def any_runtime(tmp_path, database_url):
+def any_runtime(runtime_factory):
     """SQLite, and PostgreSQL, where the rehearsal runs inside the write transaction."""
-    runtime = Runtime(make_config(tmp_path, database_url))
-    runtime.prepare_database(migrate=True)
-    yield runtime
-    runtime.close()
+    return runtime_factory()
 
 
 def order(n: int = 1, phone: str | None = PHONE, **kw) -> Event:
@@ -219,17 +216,6 @@ def test_a_read_after_a_held_back_write_is_checked_when_applied(any_runtime):
 
     assert rehearsals("redone") == redone + 1
     assert [d.status for d in first.messages + second.messages] == ["pending", "pending"]
-
-
-@pytest.fixture
-def pg_runtime(tmp_path):
-    if PG_SKIP:
-        pytest.skip(PG_SKIP)
-    with pg_schema() as url:
-        runtime = Runtime(make_config(tmp_path, url))
-        runtime.prepare_database(migrate=True)
-        yield runtime
-        runtime.close()
 
 
 def test_a_conflict_committed_while_a_rehearsal_was_applied_is_caught(pg_runtime, monkeypatch):
