@@ -237,6 +237,12 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
+        # A savepoint's journal (the rehearsal applies under one) outgrows SQLite's 64 KiB
+        # in-memory spill limit and went to a temporary file created and deleted per
+        # delivery: 0.15 ms of each one. Held in memory it costs a copy of the pages.
+        cur.execute("PRAGMA temp_store=MEMORY")
+        cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}")
+        cur.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -260,6 +266,14 @@ def sqlite_has_json() -> bool:
         conn.close()
     return True
 
+
+#: The WAL is copied back into the database once it holds this many pages (SQLite's default
+#: is 1,000, 4 MB). A delivery writes one page of each of about 20 tables and indexes, mostly
+#: the same hot pages again, so a larger WAL copies each of them back once for many
+#: deliveries: with two receiver processes, 0.2 to 0.3 ms less per delivery.
+SQLITE_CHECKPOINT_PAGES = 10_000
+#: A WAL that grew beyond this (a long read held back the checkpoint) is cut back to it.
+SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 #: How long a transaction waits for another writer before "database is locked".
 SQLITE_BUSY_SECONDS = 30.0
