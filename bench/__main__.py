@@ -174,19 +174,21 @@ def _load_cols(r) -> tuple:
 
 
 def run_send(args, tmp: Path, kinds: list[str], fake: str) -> list[tuple]:
-    rows, base = [], None
+    rows = []
     for kind in kinds:
         for concurrency in (1, 4):
             with database(kind, tmp) as url:
                 rt = send.runtime(url, fake, tmp)
                 try:
                     send.fill(rt, args.messages)
-                    if base is None:
-                        say(f"send: bare requests.Session loop, {args.messages} messages")
-                        load_ = loadavg()
-                        base = _timed(send.bare, fake, send.forms(rt))
-                        rows.append(("bare `requests.Session` loop", "-", *_send_cols(base)))
-                        rows[-1] += (load_, "baseline", "")
+                    # Each run beside its own baseline, measured just before: over the minutes
+                    # between the first and the last run the machine's speed drifts by more
+                    # than the differences measured here.
+                    say(f"send: bare requests.Session loop, {args.messages} messages")
+                    load_ = loadavg()
+                    base = _timed(send.bare, fake, send.forms(rt))
+                    name = "bare `requests.Session` loop (just before)"
+                    rows.append((name, "-", *_send_cols(base), load_, "baseline", ""))
                     say(f"send: Worker(concurrency={concurrency}) on {kind}")
                     load_ = loadavg()
                     r = _timed(send.worker, rt, concurrency, args.messages)
@@ -443,8 +445,8 @@ How to read it:
 - **send, in-process Worker**: {a.messages} messages queued through
   `txsms.core.pipeline.ingest`, then a `Worker` (`rate_per_second` 100000) sends them to the
   fake Twilio in its own process; the rate runs until the last message is recorded. The
-  baseline POSTs the same form bodies from one `requests.Session` loop to the same fake. CPU:
-  the sending process.
+  baseline, measured just before each run, POSTs the same form bodies from one
+  `requests.Session` loop to the same fake. CPU: the sending process.
 - **ingest Shopify orders/create, gunicorn**: the same load, each request a distinct order
   made from Shopify's own example (`shared/fixtures/shopify/orders_create.json`: new `id`,
   `name`, `order_number` and `phone`, re-serialised and signed like Shopify, with its own
