@@ -134,9 +134,17 @@ def _post_all(receivers: list[str], total: int, duplicate_every: int = 7) -> lis
         [_event(n) for n in range(start, min(start + 100, total))] for start in range(0, total, 100)
     ]
     statuses: list[int] = []
+    failures: list[BaseException] = []  # a thread's exception, told instead of a later timeout
     lock = threading.Lock()
 
     def post(indexes: list[int]) -> None:
+        try:
+            post_batches(indexes)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    def post_batches(indexes: list[int]) -> None:
         with requests.Session() as session:
             for i in indexes:
                 targets = [receivers[i % 2]] + (
@@ -159,6 +167,7 @@ def _post_all(receivers: list[str], total: int, duplicate_every: int = 7) -> lis
         t.start()
     for t in threads:
         t.join()
+    assert not failures, f"posting failed: {failures!r}"
     return statuses
 
 

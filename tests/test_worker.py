@@ -252,9 +252,9 @@ def test_in_flight_window_is_wider_only_at_high_rates_where_the_provider_can_be_
         runtime = runtime_factory(provider={**provider, "rate_per_second": rate}, worker=worker)
         return Worker(runtime).window
 
-    # About 50 ms of sending per commit, 1 up to 8: a crash's window is settled by looking
-    # each message up, and at low rates a commit per message costs nothing.
-    assert [window(rate) for rate in (1, 10, 40, 100, 1000)] == [1, 1, 2, 5, 8]
+    # About 50 ms of sending per commit, 1 up to half a batch of 50: a crash's window is
+    # settled by looking each message up, and at low rates a commit per message costs nothing.
+    assert [window(rate) for rate in (1, 10, 40, 100, 400, 1000)] == [1, 1, 2, 5, 20, 25]
     vonage = {"kind": "vonage", "api_key": "k", "api_secret": "s", "from": "TXSMS"}
     assert window(1000, vonage) == 1  # no look-up: one message in flight at a time
     assert window(1000, in_flight_window=1) == 1
