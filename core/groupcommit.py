@@ -25,6 +25,8 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from txsms.core.storage import run_transaction
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -148,7 +150,7 @@ class GroupCommitter:
 
     def _alone(self, item):
         """`item` again, in a transaction of its own on a fresh connection: after a failed
-        group, or a held connection that died between commits."""
-        with self.engine.begin() as conn:
-            [result] = self.run_group(conn, [item])
+        group (a deadlock with another process's group, say: run again until it passes), or
+        a held connection that died between commits."""
+        [result] = run_transaction(self.engine.begin, lambda conn: self.run_group(conn, [item]))
         return result

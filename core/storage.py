@@ -14,10 +14,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ARRAY,
@@ -300,6 +300,41 @@ def begin_immediate(dbapi_conn, timeout: float = SQLITE_BUSY_SECONDS) -> None:
             delay = min(delay * 2, 0.002)
     finally:  # everything else keeps SQLite's own wait
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+
+#: SQLSTATEs with which PostgreSQL aborts a transaction only because of another one, and
+#: asks for it to be run again: a deadlock, a serialization failure.
+RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+TRANSACTION_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+def run_transaction(
+    begin: Callable[[], AbstractContextManager[Connection]],
+    work: Callable[[Connection], T],
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> T:
+    """`work` in a transaction of its own, run again if the database aborted it for another
+    transaction's sake (two workers recording results for the same numbers, say)."""
+    attempt = 1
+    while True:
+        try:
+            with begin() as conn:
+                return work(conn)
+        except DBAPIError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if sqlstate not in RETRY_SQLSTATES or attempt == attempts:
+                raise
+            reason = type(exc.orig).__name__
+        attempt += 1
+        log.warning(
+            "transaction aborted by the database (%s, SQLSTATE %s); attempt %d of %d",
+            reason,
+            sqlstate,
+            attempt,
+            attempts,
+        )
 
 
 _READER = "txsms_reader"

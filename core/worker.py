@@ -33,7 +33,7 @@ from txsms.core.redact import redact_phone
 from txsms.core.returnpath import REPLY_KIND, apply_early_receipts
 from txsms.core.runtime import Runtime
 from txsms.core.segments import count_segments
-from txsms.core.storage import messages, recipients
+from txsms.core.storage import messages, recipients, run_transaction
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,16 @@ class Worker:
                 else:
                     marked += [(row, prepared) for row, prepared in window if row.id in owned]
             if sent or marked:
-                with self.runtime.relaxed() as conn:  # lost on power failure: settled as unknown
+                # Lost on power failure: settled as unknown. Run again if the database aborts
+                # it for another worker's sake: left in flight, unsent rows would become
+                # `unknown` when the lease ends instead of going back to the queue.
+                unsent = [row.id for row, _ in marked]
+
+                def settle(conn) -> None:
                     self._record_all(conn, sent)
-                    outbox.unmark_in_flight(conn, [row.id for row, _ in marked], claim)
+                    outbox.unmark_in_flight(conn, unsent, claim)
+
+                run_transaction(self.runtime.relaxed, settle)
         return len(rows)
 
     def _claim(self, conn) -> Batch:
@@ -376,8 +383,11 @@ class Worker:
                 for row, prepared, result, at in accepted
             ],
         )
+        # In one order everywhere: two transactions that lock the same numbers' rows in
+        # different orders deadlock (one of them is then run again, see `run_transaction`).
         footers = [
-            {"_index": p.index, "_now": now} for _, p, _, _ in accepted if p.with_footer and p.index
+            {"_index": index, "_now": now}
+            for index in sorted({p.index for _, p, _, _ in accepted if p.with_footer and p.index})
         ]
         if footers:
             conn.execute(_FOOTER_SENT, footers)

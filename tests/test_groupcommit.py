@@ -9,6 +9,7 @@ import time
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from txsms.core.groupcommit import GroupCommitter
 
@@ -157,3 +158,28 @@ def test_the_writer_thread_and_callers_never_write_at_once(engine):
     committer.close()
     assert max(overlaps) == 1
     assert stored(engine) == sorted(n * 100 + i for n in range(8) for i in range(25))
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
+
+
+def test_an_item_aborted_for_another_transactions_sake_runs_again(engine):
+    """A group, then the item alone, aborted by the database as a deadlock victim: the item
+    runs again and commits once."""
+    record, aborts = Recorder(), [2]
+
+    def deadlocking(conn, items: list[int]) -> list[int]:
+        results = record(conn, items)
+        if aborts[0]:
+            aborts[0] -= 1
+            raise OperationalError("UPDATE recipients ...", {}, _Deadlock())
+        return results
+
+    committer = GroupCommitter(engine, deadlocking)
+    try:
+        assert committer.submit(7).result(5) == 70
+    finally:
+        committer.close()
+    assert aborts == [0]
+    assert stored(engine) == [7]

@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_config
 from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from txsms.core import storage
 from txsms.core.config import StorageConfig
@@ -258,3 +259,66 @@ def test_insert_ignore_on_a_composite_unique_key(engine):
     with engine.connect() as conn:
         ids = conn.execute(select(storage.events.c.id).order_by(storage.events.c.id)).scalars()
         assert list(ids) == ["e1", "e3"]
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
+
+
+def test_a_transaction_deadlocked_by_another_runs_again(pg_runtime):
+    """Two transactions update the same two rows in opposite orders: PostgreSQL aborts one of
+    them (deadlock), `run_transaction` runs it again, and both changes are kept, once each."""
+    engine, table = pg_runtime.engine, storage.rate_limits
+    with engine.begin() as conn:
+        for name in ("a", "b"):
+            storage.insert_ignore(conn, table, {"name": name, "next_at": 0.0}, ["name"])
+    both_hold_one = threading.Barrier(2, timeout=10)
+    attempts = {"ab": 0, "ba": 0}
+    failures: list[BaseException] = []
+
+    def bump(conn, name: str) -> None:
+        conn.execute(table.update().where(table.c.name == name).values(next_at=table.c.next_at + 1))
+
+    def run(order: str) -> None:
+        def work(conn) -> None:
+            attempts[order] += 1
+            bump(conn, order[0])
+            if attempts[order] == 1:
+                both_hold_one.wait()
+            bump(conn, order[1])
+
+        try:
+            storage.run_transaction(engine.begin, work)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(order,)) for order in attempts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failures
+    assert sorted(attempts.values()) == [1, 2]  # one was aborted and ran again
+    with engine.connect() as conn:
+        rows = conn.execute(select(table.c.name, table.c.next_at).order_by(table.c.name)).all()
+    assert [tuple(r) for r in rows] == [("a", 2.0), ("b", 2.0)]
+
+
+def test_run_transaction_gives_up_after_its_attempts_and_raises_other_errors_at_once(engine):
+    calls: list[str] = []
+
+    def deadlocked(conn) -> None:
+        calls.append("deadlocked")
+        raise OperationalError("UPDATE ...", {}, _Deadlock())
+
+    with pytest.raises(OperationalError):
+        storage.run_transaction(engine.begin, deadlocked)
+    assert calls == ["deadlocked"] * storage.TRANSACTION_ATTEMPTS
+
+    def broken(conn) -> None:
+        calls.append("broken")
+        conn.execute(text("SELECT * FROM no_such_table"))
+
+    with pytest.raises(DBAPIError):
+        storage.run_transaction(engine.begin, broken)
+    assert calls.count("broken") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from itertools import pairwise
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import twilio_section
 from fakes import wait_until
 from fakes.twilio import Delay, Drop, Reply
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
@@ -352,6 +354,39 @@ def test_a_window_records_when_each_message_was_sent(runtime_factory, fake_twili
     first, _, last = (message(runtime, key) for key in keys)
     assert (first.status, last.status) == ("sent", "sent")
     assert last.sent_at - first.sent_at >= 0.5  # the answers' times, not the commit's
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
+
+
+def test_results_recorded_when_another_worker_deadlocks_the_transaction(
+    runtime_factory, fake_twilio
+):
+    """The last window's results go in a transaction of their own. When the database aborts it
+    for another transaction's sake (two workers' footers on the same numbers), it runs again:
+    rows left in flight would become `unknown` when the lease ends, though sent."""
+    runtime = runtime_factory(provider=twilio_section(fake_twilio), worker={"in_flight_window": 8})
+    keys = [f"k{n}" for n in range(3)]
+    ingest(runtime, [event(key) for key in keys])
+    worker = Worker(runtime)
+    real, aborted = runtime.relaxed, []
+
+    @contextmanager
+    def deadlocked_once():
+        with real() as conn:
+            yield conn
+            if not aborted:  # after the work: the transaction is rolled back
+                aborted.append(True)
+                raise OperationalError("UPDATE recipients ...", {}, _Deadlock())
+
+    runtime.relaxed = deadlocked_once  # the rate limiter keeps the real one
+    assert worker.run_once() == 3
+    assert aborted == [True]
+    assert len(fake_twilio.requests) == 3  # sent once each, not again
+    for key in keys:
+        m = message(runtime, key)
+        assert (m.status, m.in_flight, m.provider_message_id is not None) == ("sent", False, True)
 
 
 @pytest.mark.parametrize(("rate", "held"), [(5, 0), (1000, 17), (100_000, 31)])
