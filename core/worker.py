@@ -42,7 +42,7 @@ WINDOW_SECONDS = 0.05
 MAX_BATCH = 50
 # At most half a full batch per commit, so a batch goes out in two: with 8, a worker
 # thread's commits took about a fifth of a message's CPU, contended with the sending
-# thread's requests for the interpreter, and one worker sent 5 to 10 % fewer messages.
+# thread's requests for the interpreter, and one worker sent 5 to 8 % fewer messages.
 MAX_WINDOW = MAX_BATCH // 2
 
 _FOOTER_SENT = (
