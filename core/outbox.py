@@ -65,8 +65,13 @@ def _claim_statements(dialect: str) -> dict[str, Update]:
         messages.c.status == "sending",
     )
     return {
+        # The lease starts again: a claim may wait behind earlier windows and batches for a
+        # while before its requests leave, and the lease must cover the requests themselves.
         "mark": still_claimed.values(
-            in_flight=True, provider=bindparam("_provider"), updated_at=bindparam("_now")
+            in_flight=True,
+            provider=bindparam("_provider"),
+            lease_until=bindparam("_lease_until"),
+            updated_at=bindparam("_now"),
         ).returning(messages.c.id),
         "unmark": still_claimed.values(in_flight=False, updated_at=bindparam("_now")),
         # Not in flight, so claimable again at once (the "lease ran out" branch of `claim`),
@@ -91,10 +96,19 @@ def update_many(conn: Connection, changes: Sequence[dict]) -> None:
         conn.execute(_UPDATE, list(changes))
 
 
-def mark_in_flight(conn: Connection, ids: Sequence[str], claim: str, provider: str) -> set[str]:
+def mark_in_flight(
+    conn: Connection, ids: Sequence[str], claim: str, provider: str, *, lease: float
+) -> set[str]:
     """Commit "these requests are about to leave" — for the ids whose claim is still ours,
-    which are returned."""
-    params = {"_ids": list(ids), "_claim": claim, "_provider": provider, "_now": time.time()}
+    which are returned — and lease them for another `lease` seconds from now."""
+    now = time.time()
+    params = {
+        "_ids": list(ids),
+        "_claim": claim,
+        "_provider": provider,
+        "_lease_until": now + lease,
+        "_now": now,
+    }
     return {row[0] for row in conn.execute(_CLAIMED[conn.dialect.name]["mark"], params)}
 
 

@@ -273,7 +273,8 @@ class Worker:
                 if prepared.with_footer
             ],
         )
-        return outbox.mark_in_flight(conn, [row.id for row, _ in window], claim, self.provider.name)
+        ids = [row.id for row, _ in window]
+        return outbox.mark_in_flight(conn, ids, claim, self.provider.name, lease=self.lease)
 
     def _send(self, message: OutgoingMessage) -> ProviderResult:
         started = time.monotonic()

@@ -356,6 +356,23 @@ def test_a_window_records_when_each_message_was_sent(runtime_factory, fake_twili
     assert last.sent_at - first.sent_at >= 0.5  # the answers' times, not the commit's
 
 
+def test_marking_in_flight_starts_the_lease_again(runtime):
+    """A claim may wait behind earlier windows and batches before its requests leave: the
+    lease counts from the mark, so a live worker's requests are not taken for a dead one's."""
+    ingest(runtime, [event("k1")])
+    with runtime.engine.begin() as conn:
+        [row] = outbox.claim(conn, "claim-1", lease=5.0, limit=10)
+        conn.execute(messages.update().values(lease_until=time.time() - 1))  # waited long
+    before = time.time()
+    with runtime.engine.begin() as conn:
+        owned = outbox.mark_in_flight(conn, [row.id], "claim-1", "twilio", lease=5.0)
+    assert owned == {row.id}
+    marked = message(runtime, "k1")
+    assert marked.in_flight and marked.lease_until >= before + 5.0
+    with runtime.engine.begin() as conn:
+        assert outbox.sweep_interrupted(conn) == 0  # still leased: not `unknown`
+
+
 class _Deadlock(Exception):
     sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
 
