@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
+from fakes import deadlock
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from txsms.core.groupcommit import GroupCommitter
 
@@ -160,10 +160,6 @@ def test_the_writer_thread_and_callers_never_write_at_once(engine):
     assert stored(engine) == sorted(n * 100 + i for n in range(8) for i in range(25))
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
-
-
 def test_an_item_aborted_for_another_transactions_sake_runs_again(engine):
     """A group, then the item alone, aborted by the database as a deadlock victim: the item
     runs again and commits once."""
@@ -173,7 +169,7 @@ def test_an_item_aborted_for_another_transactions_sake_runs_again(engine):
         results = record(conn, items)
         if aborts[0]:
             aborts[0] -= 1
-            raise OperationalError("UPDATE recipients ...", {}, _Deadlock())
+            raise deadlock()
         return results
 
     committer = GroupCommitter(engine, deadlocking)

@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_config
+from fakes import deadlock
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -261,10 +262,6 @@ def test_insert_ignore_on_a_composite_unique_key(engine):
         assert list(ids) == ["e1", "e3"]
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
-
-
 def test_a_transaction_deadlocked_by_another_runs_again(pg_runtime):
     """Two transactions update the same two rows in opposite orders: PostgreSQL aborts one of
     them (deadlock), `run_transaction` runs it again, and both changes are kept, once each."""
@@ -309,7 +306,7 @@ def test_run_transaction_gives_up_after_its_attempts_and_raises_other_errors_at_
 
     def deadlocked(conn) -> None:
         calls.append("deadlocked")
-        raise OperationalError("UPDATE ...", {}, _Deadlock())
+        raise deadlock()
 
     with pytest.raises(OperationalError):
         storage.run_transaction(engine.begin, deadlocked)

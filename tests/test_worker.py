@@ -8,10 +8,9 @@ from itertools import pairwise
 
 import pytest
 from conftest import twilio_section
-from fakes import wait_until
+from fakes import deadlock, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
@@ -373,10 +372,6 @@ def test_marking_in_flight_starts_the_lease_again(runtime):
         assert outbox.sweep_interrupted(conn) == 0  # still leased: not `unknown`
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
-
-
 def test_results_recorded_when_another_worker_deadlocks_the_transaction(
     runtime_factory, fake_twilio
 ):
@@ -395,7 +390,7 @@ def test_results_recorded_when_another_worker_deadlocks_the_transaction(
             yield conn
             if not aborted:  # after the work: the transaction is rolled back
                 aborted.append(True)
-                raise OperationalError("UPDATE recipients ...", {}, _Deadlock())
+                raise deadlock()
 
     runtime.relaxed = deadlocked_once  # the rate limiter keeps the real one
     assert worker.run_once() == 3

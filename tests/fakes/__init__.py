@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from sqlalchemy.exc import OperationalError
+
 T = TypeVar("T")
 
 
@@ -29,4 +31,14 @@ def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float
         time.sleep(interval)
 
 
-__all__ = ["wait_until"]
+class _DeadlockDetected(Exception):
+    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
+
+
+def deadlock(statement: str = "UPDATE recipients ...") -> OperationalError:
+    """The error SQLAlchemy raises when PostgreSQL aborts a transaction as a deadlock victim
+    (without needing psycopg installed)."""
+    return OperationalError(statement, {}, _DeadlockDetected())
+
+
+__all__ = ["deadlock", "wait_until"]
