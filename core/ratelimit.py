@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from txsms.core.storage import insert_ignore, rate_limits
 
@@ -37,10 +37,20 @@ Begin = Callable[[], AbstractContextManager[Connection]]
 CHUNK_SECONDS = 0.02
 MAX_CHUNK = 32
 
+# Built once: building and compiling them took most of a slot's round trip.
+_TAKE = (
+    rate_limits.update()
+    .where(rate_limits.c.name == bindparam("_name"), rate_limits.c.next_at <= bindparam("_now"))
+    .values(next_at=bindparam("_next_at"))
+    .returning(rate_limits.c.next_at)
+)
+_NEXT_AT = select(rate_limits.c.next_at).where(rate_limits.c.name == bindparam("_name"))
+
 
 class RateLimiter:
     def __init__(self, begin: Begin, name: str, rate_per_second: float):
-        """`begin` opens a transaction: a lost slot is harmless, so it need not be durable."""
+        """`begin` opens a transaction (each use is a single statement, so `Runtime.autocommit`
+        serves): a lost slot is harmless, so it need not be durable."""
         self.begin = begin
         self.name = name
         self.interval = JITTER_MARGIN / rate_per_second
@@ -78,14 +88,9 @@ class RateLimiter:
     def _take(self) -> float | None:
         """Take the next `chunk` slots if the first is due now; the first slot's time."""
         now = time.time()
-        table = rate_limits
+        params = {"_name": self.name, "_now": now, "_next_at": now + self.interval * self.chunk}
         with self.begin() as conn:
-            taken = conn.execute(
-                table.update()
-                .where(table.c.name == self.name, table.c.next_at <= now)
-                .values(next_at=now + self.interval * self.chunk)
-                .returning(table.c.next_at)
-            ).first()
+            taken = conn.execute(_TAKE, params).first()
         if taken is None:
             return None
         self._slots.extend(now + self.interval * n for n in range(1, self.chunk))
@@ -93,6 +98,4 @@ class RateLimiter:
 
     def _next_at(self) -> float:
         with self.begin() as conn:
-            return conn.execute(
-                select(rate_limits.c.next_at).where(rate_limits.c.name == self.name)
-            ).scalar_one()
+            return conn.execute(_NEXT_AT, {"_name": self.name}).scalar_one()

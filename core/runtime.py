@@ -73,6 +73,19 @@ class Runtime:
         with self._relaxed_engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """Relaxed (see `relaxed`), for work that is a single statement: on PostgreSQL it
+        commits by itself, one round trip where BEGIN, the statement and COMMIT take three.
+        SQLite has no such saving: there it is a relaxed transaction."""
+        engine = self._relaxed_engine
+        if storage.is_sqlite(engine):
+            with engine.begin() as conn:
+                yield conn
+            return
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            yield conn
+
     @cached_property
     def committer(self) -> GroupCommitter:
         return GroupCommitter(self.engine)

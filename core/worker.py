@@ -57,6 +57,9 @@ class Batch:
     claim: str
     rows: Sequence[Row]
     ready: list[tuple]  # (row, Prepared): what passed the checks made at claim time
+    # A batch claimed ahead: its first window is marked in flight with the claim, and these
+    # are the ids of it that are ours (None: nothing marked yet).
+    marked: set[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Worker:
             max(1, min(MAX_WINDOW, int(rate * WINDOW_SECONDS))) if self.provider.can_lookup else 1
         )
         self.limiter = RateLimiter(
-            runtime.relaxed,
+            runtime.autocommit,
             f"provider:{config.provider.kind}",
             config.provider.rate_per_second,
         )
@@ -150,9 +153,10 @@ class Worker:
         """Claim one batch and send it; the number of messages handled.
 
         `claim_ahead` (the worker's own threads, at rates that send in windows): a full batch
-        claims the next one while its last window is sent, so the claim's commit does not
-        hold up sending (it was a tenth of a worker's time at high rates). What a stopping
-        worker had claimed ahead is released."""
+        claims the next one, its first window marked in flight, while its last window is
+        sent, so the claim's commit does not hold up sending (it was a tenth of a worker's
+        time at high rates), nor does that window's. What a stopping worker had claimed ahead
+        is released."""
         self.maintain()
         batch = self._take_next()
         if batch is None:
@@ -161,10 +165,15 @@ class Worker:
         claim, rows, ready = batch.claim, batch.rows, batch.ready
         windows = [ready[n : n + self.window] for n in range(0, len(ready), self.window)]
         ahead_claim = claim_ahead and self.window > 1 and len(rows) == self.batch
-        sent: list[tuple] = []  # (row, prepared, result, when): not recorded yet
+        # (row, prepared, result, when): not recorded yet. This thread's last batch may have
+        # left its last window's results to this batch's next commit.
+        sent: list[tuple] = self._take_carried()
         marked: list[tuple] = []  # committed as in flight, not sent yet
         # The next window's commit, under way: (future, window, the results it records).
         ahead: tuple[Future, list[tuple], list[tuple]] | None = None
+        if batch.marked is not None and windows:  # claimed ahead: committed with the claim
+            ahead = (_resolved(batch.marked), windows[0], [])
+        done = False
         try:
             for n, window in enumerate(windows):
                 # One durable transaction records the results so far and marks a window in
@@ -187,9 +196,11 @@ class Worker:
                     ahead = (self._mark(windows[n + 1], sent, claim), windows[n + 1], sent)
                     sent = []
                 elif ahead_claim and n + 1 == len(windows) and not self.stop_event.is_set():
-                    self._next.future = self.runtime.committer.submit(self._claim)
+                    claim_next = partial(self._claim, mark_first=True)
+                    self._next.future = self.runtime.committer.submit(claim_next)
                 if not self._send_all(marked, sent):
                     break  # stopping: unsent claims go back when their lease ends
+            done = True
         finally:
             if ahead is not None:  # its window was never started (or its commit failed)
                 future, window, handed = ahead
@@ -199,7 +210,13 @@ class Worker:
                     sent = handed + sent  # that commit failed: record its results below
                 else:
                     marked += [(row, prepared) for row, prepared in window if row.id in owned]
-            if sent or marked:
+            if done and sent and not marked and len(windows) > 1 and self._claimed_ahead():
+                # The next batch is claimed already, and its next commit (marking its second
+                # window in flight) records these, as each window's commit records the window
+                # before: a transaction less per batch, which held up the sending thread.
+                # (Not after a batch of one window: results would be carried on and on.)
+                self._next.carried = sent
+            elif sent or marked:
                 # Lost on power failure: settled as unknown. Run again if the database aborts
                 # it for another worker's sake: left in flight, unsent rows would become
                 # `unknown` when the lease ends instead of going back to the queue.
@@ -212,12 +229,17 @@ class Worker:
                 run_transaction(self.runtime.relaxed, settle)
         return len(rows)
 
-    def _claim(self, conn) -> Batch:
+    def _claim(self, conn, *, mark_first: bool = False) -> Batch:
+        """Claim a batch; `mark_first`: and mark its first window in flight (a batch claimed
+        ahead, whose first window is sent as soon as the batch before is)."""
         claim = self._claim_token()
         rows = outbox.claim(conn, claim, lease=self.lease, limit=self.batch)
         # Consent, invalid numbers and disabled sources are checked here, moments before
         # sending, for the whole batch at once; skips are recorded in this transaction.
-        return Batch(claim, rows, self._prepare(conn, rows))
+        ready = self._prepare(conn, rows)
+        if not (mark_first and ready):
+            return Batch(claim, rows, ready)
+        return Batch(claim, rows, ready, self._in_flight([], ready[: self.window], claim, conn))
 
     def _take_next(self) -> Batch | None:
         """The batch claimed ahead by this thread, if any (None also if that claim failed:
@@ -232,12 +254,28 @@ class Worker:
             log.exception("claiming the next batch failed; claiming again")
             return None
 
+    def _claimed_ahead(self) -> bool:
+        return getattr(self._next, "future", None) is not None
+
+    def _take_carried(self) -> list[tuple]:
+        """Results of this thread's last batch that its next commit is to record."""
+        carried = getattr(self._next, "carried", [])
+        self._next.carried = []
+        return carried
+
     def _release_next(self) -> None:
+        if carried := self._take_carried():  # the loop ended before a commit recorded them
+            try:
+                run_transaction(self.runtime.relaxed, partial(self._record_all, sent=carried))
+            except Exception:  # left in flight: `unknown` when the lease ends, then looked up
+                log.exception("recording the last results failed")
         batch = self._take_next()
         if batch is None or not batch.rows:
             return
         try:
             with self.runtime.relaxed() as conn:  # lost on power failure: the lease ends
+                if batch.marked:  # its first window: marked in flight, but never sent
+                    outbox.unmark_in_flight(conn, list(batch.marked), batch.claim)
                 outbox.release(conn, [row.id for row in batch.rows], batch.claim)
         except Exception:  # stopping anyway: the claims come back when their lease ends
             log.exception("giving back the batch claimed ahead failed")
@@ -530,3 +568,10 @@ class Worker:
         ceiling = min(cfg.backoff_max_seconds, cfg.backoff_base_seconds * 2 ** (attempts - 1))
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter"
         return max(delay, retry_after or 0.0)
+
+
+def _resolved(value) -> Future:
+    """A future that is done already, with `value`."""
+    future: Future = Future()
+    future.set_result(value)
+    return future

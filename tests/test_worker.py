@@ -418,6 +418,48 @@ def test_a_process_takes_a_few_slots_at_once_only_at_high_rates(runtime, rate, h
     assert next_at == pytest.approx(first + (held + 1) * 1.1 / rate, abs=1e-6)
 
 
+def test_a_batch_claimed_ahead_records_the_results_the_batch_before_left(
+    runtime_factory, fake_twilio
+):
+    """A full batch leaves its last window's results to the batch claimed ahead, whose first
+    window comes marked in flight: no transaction of its own holds up the sending thread. A
+    thread that stops records what it carried and gives back what it claimed ahead."""
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio, rate_per_second=8),  # batches of 4
+        worker={"in_flight_window": 2},
+    )
+    ingest(runtime, [event(f"k{n}") for n in range(10)])
+    worker = Worker(runtime)
+
+    def states():
+        with runtime.engine.connect() as conn:
+            rows = conn.execute(select(messages.c.status, messages.c.in_flight)).all()
+        return sorted(f"{status}{'*' if in_flight else ''}" for status, in_flight in rows)
+
+    assert worker.run_once(claim_ahead=True) == 4
+    # Four sent but not recorded yet, in flight (*), two claimed ahead and marked, two
+    # claimed ahead, two waiting.
+    assert states() == ["pending"] * 2 + ["sending"] * 2 + ["sending*"] * 6
+    # The next batch's first commit (marking its second window) records the four; it leaves
+    # its own, and claims the last two ahead.
+    assert worker.run_once(claim_ahead=True) == 4
+    assert states() == ["sending*"] * 6 + ["sent"] * 4
+    assert len(fake_twilio.requests) == 8
+
+    worker._release_next()  # what a worker thread does when it stops
+    assert states() == ["sending"] * 2 + ["sent"] * 8
+    with runtime.engine.connect() as conn:
+        released = conn.execute(
+            select(messages.c.lease_until, messages.c.attempts).where(
+                messages.c.status == "sending"
+            )
+        ).all()
+    assert [tuple(r) for r in released] == [(0.0, 0)] * 2  # claimable at once, no attempt
+    drain(Worker(runtime), lambda: len(fake_twilio.messages) == 10)
+    assert states() == ["sent"] * 10
+    assert len(fake_twilio.requests) == 10  # each message left once
+
+
 def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
     runtime_factory, fake_twilio
 ):
@@ -438,15 +480,21 @@ def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
         with runtime.engine.connect() as conn:
             return conn.execute(select(messages).order_by(messages.c.created_at)).all()
 
-    def claimed_ahead():
-        return [r for r in rows() if r.status == "sending" and not r.in_flight]
+    def claimed_ahead():  # the claim other than the first batch's (all four in flight)
+        claims: dict[str, list] = {}
+        for r in rows():
+            if r.status == "sending":
+                claims.setdefault(r.claimed_by, []).append(r)
+        return next((c for c in claims.values() if not all(r.in_flight for r in c)), [])
 
     worker.start()
     try:
         fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 3)
-        # The third request is still on its way, and the next four are already claimed.
+        # The third request is still on its way, and the next four are already claimed, the
+        # first window of them marked in flight with the claim.
         wait_until(lambda: len(claimed_ahead()) == 4, timeout=5)
         assert len(fake_twilio.requests) == 3
+        assert sorted(r.in_flight for r in claimed_ahead()) == [False, False, True, True]
         ahead = {r.id for r in claimed_ahead()}
     finally:
         worker.stop()

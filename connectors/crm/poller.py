@@ -79,7 +79,7 @@ class Client:
         digest = hashlib.sha256(account.encode()).hexdigest()[:40]  # the account holds a secret
         rate = setting(entry, "rate_per_second")
         # A slot lost to a power cut is harmless: the relaxed (unsynced) transaction will do.
-        self.limiter = RateLimiter(runtime.relaxed, f"crm:{digest}", rate)
+        self.limiter = RateLimiter(runtime.autocommit, f"crm:{digest}", rate)
         self.session = session or requests.Session()
         self.stop = stop or threading.Event()
 
