@@ -10,7 +10,7 @@ import pytest
 from conftest import twilio_section
 from fakes import deadlock, wait_until
 from fakes.twilio import Delay, Drop, Reply
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
@@ -405,7 +405,7 @@ def test_results_recorded_when_another_worker_deadlocks_the_transaction(
 def test_a_process_takes_a_few_slots_at_once_only_at_high_rates(runtime, rate, held):
     """One round trip takes the slots of the next 20 ms, but never more than a process can
     use before they go late."""
-    limiter = RateLimiter(runtime.relaxed, "chunk-test", rate)
+    limiter = RateLimiter(runtime.autocommit, "chunk-test", rate)  # as a worker's is
     first = limiter.acquire()
     assert first is not None
     assert len(limiter._slots) == held
@@ -458,6 +458,24 @@ def test_a_batch_claimed_ahead_records_the_results_the_batch_before_left(
     drain(Worker(runtime), lambda: len(fake_twilio.messages) == 10)
     assert states() == ["sent"] * 10
     assert len(fake_twilio.requests) == 10  # each message left once
+
+
+def test_autocommit_is_relaxed_and_commits_each_statement_on_postgresql(runtime):
+    """The rate limiter's connection: on PostgreSQL each statement commits by itself (no BEGIN
+    and COMMIT round trips), with the relaxed engine's settings; on SQLite a relaxed
+    transaction that commits when it ends."""
+    statement = rate_limits.insert().values(name="autocommit-test", next_at=1.0)
+    count = select(func.count()).select_from(rate_limits)
+    with runtime.autocommit() as conn:
+        conn.execute(statement)
+        if conn.dialect.name == "postgresql":
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+            with runtime.engine.connect() as other:  # committed already, seen elsewhere
+                assert other.execute(count).scalar() == 1
+        else:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with runtime.engine.connect() as other:
+        assert other.execute(count).scalar() == 1
 
 
 def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
