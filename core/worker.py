@@ -196,8 +196,10 @@ class Worker:
                     ahead = (self._mark(windows[n + 1], sent, claim), windows[n + 1], sent)
                     sent = []
                 elif ahead_claim and n + 1 == len(windows) and not self.stop_event.is_set():
-                    claim_next = partial(self._claim, mark_first=True)
+                    # That commit records the results so far, as a window's would.
+                    claim_next = partial(self._claim, mark_first=True, results=sent)
                     self._next.future = self.runtime.committer.submit(claim_next)
+                    self._next.handed, sent = sent, []
                 if not self._send_all(marked, sent):
                     break  # stopping: unsent claims go back when their lease ends
             done = True
@@ -210,11 +212,11 @@ class Worker:
                     sent = handed + sent  # that commit failed: record its results below
                 else:
                     marked += [(row, prepared) for row, prepared in window if row.id in owned]
-            if done and sent and not marked and len(windows) > 1 and self._claimed_ahead():
-                # The next batch is claimed already, and its next commit (marking its second
-                # window in flight) records these, as each window's commit records the window
-                # before: a transaction less per batch, which held up the sending thread.
-                # (Not after a batch of one window: results would be carried on and on.)
+            if done and sent and not marked and self._claimed_ahead():
+                # The next batch is claimed already, and its next commit (marking a window in
+                # flight, or claiming ahead) records these, as each window's commit records
+                # the window before: a transaction less per batch, which held up the sending
+                # thread. In flight and not recorded: never more than two windows.
                 self._next.carried = sent
             elif sent or marked:
                 # Lost on power failure: settled as unknown. Run again if the database aborts
@@ -229,9 +231,11 @@ class Worker:
                 run_transaction(self.runtime.relaxed, settle)
         return len(rows)
 
-    def _claim(self, conn, *, mark_first: bool = False) -> Batch:
+    def _claim(self, conn, *, mark_first: bool = False, results: Sequence[tuple] = ()) -> Batch:
         """Claim a batch; `mark_first`: and mark its first window in flight (a batch claimed
-        ahead, whose first window is sent as soon as the batch before is)."""
+        ahead, whose first window is sent as soon as the batch before is). `results`: sent
+        messages of the batch before, recorded in the same transaction."""
+        self._record_all(conn, results)
         claim = self._claim_token()
         rows = outbox.claim(conn, claim, lease=self.lease, limit=self.batch)
         # Consent, invalid numbers and disabled sources are checked here, moments before
@@ -243,15 +247,18 @@ class Worker:
 
     def _take_next(self) -> Batch | None:
         """The batch claimed ahead by this thread, if any (None also if that claim failed:
-        its transaction was rolled back, so nothing is held)."""
+        its transaction was rolled back, so nothing is held, and the results it was to
+        record are left to the next commit)."""
         future: Future | None = getattr(self._next, "future", None)
-        self._next.future = None
+        handed: list[tuple] = getattr(self._next, "handed", [])
+        self._next.future, self._next.handed = None, []
         if future is None:
             return None
         try:
             return future.result()
         except Exception:
             log.exception("claiming the next batch failed; claiming again")
+            self._next.carried = handed + getattr(self._next, "carried", [])
             return None
 
     def _claimed_ahead(self) -> bool:
@@ -264,12 +271,12 @@ class Worker:
         return carried
 
     def _release_next(self) -> None:
+        batch = self._take_next()
         if carried := self._take_carried():  # the loop ended before a commit recorded them
             try:
                 run_transaction(self.runtime.relaxed, partial(self._record_all, sent=carried))
             except Exception:  # left in flight: `unknown` when the lease ends, then looked up
                 log.exception("recording the last results failed")
-        batch = self._take_next()
         if batch is None or not batch.rows:
             return
         try:
@@ -402,7 +409,7 @@ class Worker:
             ready.append((row, Prepared(message, row.phone_index, with_footer, body_enc)))
         return ready
 
-    def _record_all(self, conn, sent: list[tuple]) -> None:
+    def _record_all(self, conn, sent: Sequence[tuple]) -> None:
         """Record the results of sent messages; the usual case (sent) in one executemany."""
         now = time.time()
         accepted = [item for item in sent if item[2].outcome is Outcome.SENT]

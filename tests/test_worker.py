@@ -437,13 +437,14 @@ def test_a_batch_claimed_ahead_records_the_results_the_batch_before_left(
         return sorted(f"{status}{'*' if in_flight else ''}" for status, in_flight in rows)
 
     assert worker.run_once(claim_ahead=True) == 4
-    # Four sent but not recorded yet, in flight (*), two claimed ahead and marked, two
-    # claimed ahead, two waiting.
-    assert states() == ["pending"] * 2 + ["sending"] * 2 + ["sending*"] * 6
-    # The next batch's first commit (marking its second window) records the four; it leaves
-    # its own, and claims the last two ahead.
+    # Two recorded (by the claim ahead), two sent but not recorded yet, in flight (*), two
+    # claimed ahead and marked, two claimed ahead, two waiting: never more than two windows
+    # in flight and not recorded.
+    assert states() == ["pending"] * 2 + ["sending"] * 2 + ["sending*"] * 4 + ["sent"] * 2
+    # The next batch's first commit (marking its second window) records the two left; it
+    # leaves its own last two, and claims the last two messages ahead, marked.
     assert worker.run_once(claim_ahead=True) == 4
-    assert states() == ["sending*"] * 6 + ["sent"] * 4
+    assert states() == ["sending*"] * 4 + ["sent"] * 6
     assert len(fake_twilio.requests) == 8
 
     worker._release_next()  # what a worker thread does when it stops
@@ -476,6 +477,34 @@ def test_autocommit_is_relaxed_and_commits_each_statement_on_postgresql(runtime)
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     with runtime.engine.connect() as other:
         assert other.execute(count).scalar() == 1
+
+
+def test_results_handed_to_a_claim_ahead_that_fails_are_recorded_by_the_next_commit(
+    runtime_factory, fake_twilio, caplog
+):
+    """The claim ahead records the last results with it; when it fails (rolled back), they
+    are left to the next commit, not lost in flight."""
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio, rate_per_second=8),  # batches of 4
+        worker={"in_flight_window": 2},
+    )
+    ingest(runtime, [event(f"k{n}") for n in range(6)])
+    worker = Worker(runtime)
+    claim = worker._claim
+
+    def no_claim_ahead(conn, *, mark_first=False, results=()):
+        if mark_first:
+            raise RuntimeError("the database went away")
+        return claim(conn, results=results)
+
+    worker._claim = no_claim_ahead
+    assert worker.run_once(claim_ahead=True) == 4
+    assert worker.run_once(claim_ahead=True) == 2  # claimed again, not ahead
+    assert "claiming the next batch failed" in caplog.text
+    with runtime.engine.connect() as conn:
+        rows = conn.execute(select(messages.c.status, messages.c.in_flight)).all()
+    assert [tuple(r) for r in rows] == [("sent", False)] * 6
+    assert len(fake_twilio.requests) == 6
 
 
 def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
