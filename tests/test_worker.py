@@ -527,7 +527,7 @@ def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
         with runtime.engine.connect() as conn:
             return conn.execute(select(messages).order_by(messages.c.created_at)).all()
 
-    def claimed_ahead():  # the claim other than the first batch's (all four in flight)
+    def claimed_ahead():  # not the first batch's claim, whose rows still sending are in flight
         claims: dict[str, list] = {}
         for r in rows():
             if r.status == "sending":
