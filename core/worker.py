@@ -62,6 +62,15 @@ class Batch:
     marked: set[str] | None = None
 
 
+class _Ahead(threading.local):
+    """Per worker thread: what its last batch left to the next one. (Class attributes are the
+    defaults each thread starts with; they are only ever replaced, never changed in place.)"""
+
+    future: Future | None = None  # the next batch's claim, under way
+    handed: list[tuple] = []  # results that claim records (if it fails: carried instead)
+    carried: list[tuple] = []  # results the next commit is to record
+
+
 @dataclass(frozen=True)
 class Prepared:
     message: OutgoingMessage
@@ -110,7 +119,7 @@ class Worker:
         )
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._next = threading.local()  # per thread: the next batch's claim, under way
+        self._next = _Ahead()
         self._last_maintenance = 0.0
         self._listener: PgListener | None = None
 
@@ -212,7 +221,7 @@ class Worker:
                     sent = handed + sent  # that commit failed: record its results below
                 else:
                     marked += [(row, prepared) for row, prepared in window if row.id in owned]
-            if done and sent and not marked and self._claimed_ahead():
+            if done and sent and not marked and self._next.future is not None:
                 # The next batch is claimed already, and its next commit (marking a window in
                 # flight, or claiming ahead) records these, as each window's commit records
                 # the window before: a transaction less per batch, which held up the sending
@@ -249,8 +258,7 @@ class Worker:
         """The batch claimed ahead by this thread, if any (None also if that claim failed:
         its transaction was rolled back, so nothing is held, and the results it was to
         record are left to the next commit)."""
-        future: Future | None = getattr(self._next, "future", None)
-        handed: list[tuple] = getattr(self._next, "handed", [])
+        future, handed = self._next.future, self._next.handed
         self._next.future, self._next.handed = None, []
         if future is None:
             return None
@@ -258,16 +266,12 @@ class Worker:
             return future.result()
         except Exception:
             log.exception("claiming the next batch failed; claiming again")
-            self._next.carried = handed + getattr(self._next, "carried", [])
+            self._next.carried = handed + self._next.carried
             return None
-
-    def _claimed_ahead(self) -> bool:
-        return getattr(self._next, "future", None) is not None
 
     def _take_carried(self) -> list[tuple]:
         """Results of this thread's last batch that its next commit is to record."""
-        carried = getattr(self._next, "carried", [])
-        self._next.carried = []
+        carried, self._next.carried = self._next.carried, []
         return carried
 
     def _release_next(self) -> None:
