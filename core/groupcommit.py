@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from txsms.core.storage import run_transaction
+from txsms.core.storage import run_transaction, transaction
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,16 @@ class GroupCommitter:
 
     def _commit(self, items: list) -> list:
         """Run `items` in one transaction and commit; the caller holds `_writing`."""
+        with transaction(self._begin) as conn:  # the notes of a failed group are dropped
+            return self.run_group(conn, items)
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """A transaction on the held connection (a fresh one after `_discard`)."""
         if self._conn is None or self._conn.closed:
             self._conn = self.engine.connect()
         with self._conn.begin():
-            return self.run_group(self._conn, items)
+            yield self._conn
 
     def _discard(self) -> None:
         """After a failure: a broken connection must not be reused."""

@@ -207,7 +207,7 @@ def _applied(conn: Connection, rehearsed: list[_Rehearsed]) -> bool:
         REHEARSALS.labels("redone").inc(len(rehearsed))
         return False
     for r in rehearsed:
-        r.rehearsal.flush_notes()
+        r.rehearsal.flush_notes(conn)
     REHEARSALS.labels("applied").inc(len(rehearsed))
     return True
 
@@ -452,12 +452,16 @@ def _ingest_one(
             whole_source=event.data.get("scope") == "source",
             order_refs=[str(ref) for ref in event.data.get("order_refs", [])],
         )
-        log.info("erased for %s: %s", event.source, counts)
+        note(conn, log, logging.INFO, "erased for %s: %s", event.source, counts)
     elif event.kind == "privacy.data_request":
         refs = [str(ref) for ref in event.data.get("order_refs", [])]
         if index is None and not refs:
-            log.warning(
-                "data request from %s names no number or order we can look up", event.source
+            note(
+                conn,
+                log,
+                logging.WARNING,
+                "data request from %s names no number or order we can look up",
+                event.source,
             )
         else:
             path = privacy.export(
@@ -468,7 +472,14 @@ def _ingest_one(
                 source=event.source,
                 order_refs=refs,
             )
-            log.info("data request from %s: export written to %s", event.source, path)
+            note(
+                conn,
+                log,
+                logging.INFO,
+                "data request from %s: export written to %s",
+                event.source,
+                path,
+            )
     elif event.kind == "messages.cancel" and event.order is not None:
         n = cancel_pending(
             conn,
@@ -477,7 +488,15 @@ def _ingest_one(
             event.data.get("kinds"),
             event.data.get("reason") or "cancelled",
         )
-        log.info("cancelled %d pending message(s) of %s %s", n, event.source, event.order.ref)
+        note(
+            conn,
+            log,
+            logging.INFO,
+            "cancelled %d pending message(s) of %s %s",
+            n,
+            event.source,
+            event.order.ref,
+        )
     elif event.kind == "source.disabled":
         set_source_disabled(conn, event.source, event.data.get("reason") or "disabled")
         lookups.sources[event.source] = True

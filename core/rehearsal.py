@@ -38,7 +38,8 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
-from txsms.core.storage import INSERT_IGNORE, for_driver
+from txsms.core.storage import INSERT_IGNORE, after_commit, for_driver
+from txsms.core.storage import note as storage_note
 
 
 class CannotRehearse(Exception):
@@ -128,7 +129,7 @@ class Rehearsal:
     # before the first write need no second look.
     in_transaction: bool = False
     steps: list[_Step] = field(default_factory=list)
-    notes: list[tuple[logging.Logger, int, str, tuple]] = field(default_factory=list)
+    notes: list[Callable[[], object]] = field(default_factory=list)  # see `log`
 
     @property
     def dialect(self):
@@ -167,13 +168,10 @@ class Rehearsal:
                 return driver.execute(sql, params)
         return driver.execute(sql, params)
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args) -> None:
-        """Log once the work is applied: a rehearsal that is run again must not log twice."""
-        self.notes.append((logger, level, msg, args))
-
-    def flush_notes(self) -> None:
-        for logger, level, msg, args in self.notes:
-            logger.log(level, msg, *args)
+    def flush_notes(self, conn: Connection) -> None:
+        """The work is applied on `conn`: its notes go out once that commits."""
+        for note in self.notes:
+            after_commit(conn, note)
         self.notes.clear()
 
 
@@ -218,8 +216,9 @@ def _as_rehearsed(step: _Step, cursor) -> bool:
 
 
 def log(conn, logger: logging.Logger, level: int, msg: str, *args) -> None:
-    """Log now, or, while `conn` is a rehearsal, once its work is applied."""
+    """Log once `conn`'s work is committed (`storage.after_commit`); for a rehearsal, once
+    its work is applied and that commits. Work that is run again must not log twice."""
     if isinstance(conn, Rehearsal):
-        conn.log(logger, level, msg, *args)
+        conn.notes.append(functools.partial(logger.log, level, msg, *args))
     else:
-        logger.log(level, msg, *args)
+        storage_note(conn, logger, level, msg, *args)

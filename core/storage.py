@@ -310,17 +310,54 @@ TRANSACTION_ATTEMPTS = 3
 T = TypeVar("T")
 
 
+_AFTER_COMMIT = "txsms_after_commit"
+
+
+@contextmanager
+def transaction(begin: Callable[[], AbstractContextManager[Connection]]) -> Iterator[Connection]:
+    """`begin()`'s transaction, running what `after_commit` was given in it once it has
+    committed: not if it rolls back, so an attempt that is run again (a group commit that
+    failed, a deadlock) does not log or count what it did twice."""
+    pending: list[Callable[[], object]] = []
+    with begin() as conn:
+        conn.info[_AFTER_COMMIT] = pending
+        try:
+            yield conn
+        finally:
+            conn.info.pop(_AFTER_COMMIT, None)
+    for note in pending:
+        try:
+            note()
+        except Exception:  # committed is committed: a failing note must not say otherwise
+            log.exception("after-commit note failed")
+
+
+def after_commit(conn: Connection, note: Callable[[], object]) -> None:
+    """Run `note` (a log line, a counter) once `conn`'s transaction commits, if it was begun
+    by `transaction`; at once otherwise."""
+    pending = conn.info.get(_AFTER_COMMIT)
+    if pending is None:
+        note()
+    else:
+        pending.append(note)
+
+
+def note(conn: Connection, logger: logging.Logger, level: int, msg: str, *args) -> None:
+    """A log line about `conn`'s work, written once that commits (see `after_commit`)."""
+    after_commit(conn, functools.partial(logger.log, level, msg, *args))
+
+
 def run_transaction(
     begin: Callable[[], AbstractContextManager[Connection]],
     work: Callable[[Connection], T],
     attempts: int = TRANSACTION_ATTEMPTS,
 ) -> T:
-    """`work` in a transaction of its own, run again if the database aborted it for another
-    transaction's sake (two workers recording results for the same numbers, say)."""
+    """`work` in a transaction of its own (`transaction`), run again if the database aborted
+    it for another transaction's sake (two workers recording results for the same numbers)."""
     attempt = 1
     while True:
         try:
-            with begin() as conn:
+            with transaction(begin) as conn:
                 return work(conn)
         except DBAPIError as exc:
             sqlstate = getattr(exc.orig, "sqlstate", None)

@@ -33,7 +33,14 @@ from txsms.core.redact import redact_phone
 from txsms.core.returnpath import REPLY_KIND, apply_early_receipts
 from txsms.core.runtime import Runtime
 from txsms.core.segments import count_segments
-from txsms.core.storage import messages, recipients, run_transaction
+from txsms.core.storage import (
+    after_commit,
+    messages,
+    note,
+    recipients,
+    run_transaction,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +176,7 @@ class Worker:
         self.maintain()
         batch = self._take_next()
         if batch is None:
-            with self.runtime.engine.begin() as conn:
+            with transaction(self.runtime.engine.begin) as conn:
                 batch = self._claim(conn)
         claim, rows, ready = batch.claim, batch.rows, batch.ready
         windows = [ready[n : n + self.window] for n in range(0, len(ready), self.window)]
@@ -441,9 +448,13 @@ class Worker:
         ]
         if footers:
             conn.execute(_FOOTER_SENT, footers)
+        if accepted:
+            after_commit(conn, partial(MESSAGES.labels("sent", "").inc, len(accepted)))
         for row, prepared, result, _ in accepted:
-            MESSAGES.labels("sent", "").inc()
-            log.info(
+            note(
+                conn,
+                log,
+                logging.INFO,
                 "message %s sent to %s (%s)",
                 row.id,
                 redact_phone(prepared.message.to),
@@ -477,7 +488,10 @@ class Worker:
             self._finish(
                 conn, row.id, status="pending", reason="retry", send_at=now + delay, **common
             )
-            log.warning(
+            note(
+                conn,
+                log,
+                logging.WARNING,
                 "message %s to %s: provider said %s, retry in %.1fs",
                 row.id,
                 to,
@@ -486,7 +500,10 @@ class Worker:
             )
         elif outcome is Outcome.UNKNOWN:
             self._finish(conn, row.id, status="unknown", reason="in_flight_error", **common)
-            log.error(
+            note(
+                conn,
+                log,
+                logging.ERROR,
                 "message %s to %s: outcome unknown (%s); not resent blindly",
                 row.id,
                 to,
@@ -515,7 +532,10 @@ class Worker:
                     .where(recipients.c.phone_index == prepared.index)
                     .values(invalid_reason=f"provider:{result.error_code}", updated_at=now)
                 )
-            log.error(
+            note(
+                conn,
+                log,
+                logging.ERROR,
                 "message %s to %s failed: %s %s",
                 row.id,
                 to,
@@ -526,7 +546,7 @@ class Worker:
     @staticmethod
     def _finish(conn, message_id: str, *, status: str, reason: str | None, **values) -> None:
         outbox.update(conn, message_id, status=status, reason=reason, **values)
-        MESSAGES.labels(status, reason or "").inc()
+        after_commit(conn, MESSAGES.labels(status, reason or "").inc)
 
     def _settle_unknown(self, limit: int = 20) -> None:
         """Ask the provider about `unknown` messages after a grace period: found → take its

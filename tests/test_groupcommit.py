@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import pytest
 from fakes import deadlock
 from sqlalchemy import create_engine, text
 
+from txsms.core import storage
 from txsms.core.groupcommit import GroupCommitter
 
 
@@ -179,3 +181,31 @@ def test_an_item_aborted_for_another_transactions_sake_runs_again(engine):
         committer.close()
     assert aborts == [0]
     assert stored(engine) == [7]
+
+
+def test_the_notes_of_a_failed_group_are_dropped_and_each_item_notes_once_alone(engine):
+    """A log line or counter given to `after_commit` goes out once the item is committed:
+    not for the group that failed, then again for the item run alone."""
+    notes: list[int] = []
+
+    def run_group(conn, items):
+        for v in items:
+            storage.after_commit(conn, partial(notes.append, v))
+            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": v})
+        return [v * 10 for v in items]
+
+    committer = GroupCommitter(engine, run_group)
+    try:
+        assert committer.run(1) == 10 and notes == [1]
+        with pytest.raises(Exception, match="UNIQUE"):  # its group failed, then it alone
+            committer.run(1)
+        assert notes == [1]
+        # Through the writer thread: 3 and 4 are committed alone after the group failed.
+        futures = [committer.submit(v) for v in (3, 1, 4)]
+        assert futures[0].result(5) == 30 and futures[2].result(5) == 40
+        with pytest.raises(Exception, match="UNIQUE"):
+            futures[1].result(5)
+    finally:
+        committer.close()
+    assert sorted(notes) == [1, 3, 4]
+    assert stored(engine) == [1, 3, 4]

@@ -319,3 +319,39 @@ def test_run_transaction_gives_up_after_its_attempts_and_raises_other_errors_at_
     with pytest.raises(DBAPIError):
         storage.run_transaction(engine.begin, broken)
     assert calls.count("broken") == 1
+
+
+def test_notes_go_out_once_their_transaction_commits_and_never_for_an_attempt_run_again(
+    engine,
+):
+    """`after_commit` in `run_transaction`: a deadlocked attempt's notes are dropped, the
+    attempt that commits writes its own once, after the commit (another connection sees the
+    row when the note runs); outside `transaction` a note runs at once."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE noted (v INTEGER)"))
+    notes: list[tuple[int, int]] = []
+    attempts = [0]
+
+    def seen() -> int:
+        with engine.connect() as other:
+            return other.execute(text("SELECT count(*) FROM noted")).scalar_one()
+
+    def work(conn) -> None:
+        attempts[0] += 1
+        conn.execute(text("INSERT INTO noted (v) VALUES (1)"))
+        storage.after_commit(conn, lambda n=attempts[0]: notes.append((n, seen())))
+        assert notes == []  # held until the commit
+        if attempts[0] == 1:
+            raise deadlock()
+
+    storage.run_transaction(engine.begin, work)
+    assert notes == [(2, 1)]  # the second attempt's, once, with its row committed
+
+    with pytest.raises(RuntimeError), storage.transaction(engine.begin) as conn:
+        storage.after_commit(conn, lambda: notes.append((3, 0)))
+        raise RuntimeError("rolled back")
+    assert notes == [(2, 1)]  # rolled back: nothing said
+
+    with engine.begin() as conn:  # not begun by `transaction`: at once
+        storage.after_commit(conn, lambda: notes.append((4, 0)))
+        assert notes[-1] == (4, 0)

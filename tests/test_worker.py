@@ -10,6 +10,7 @@ import pytest
 from conftest import twilio_section
 from fakes import deadlock, wait_until
 from fakes.twilio import Delay, Drop, Reply
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from txsms.core import consent, outbox
@@ -554,3 +555,35 @@ def test_a_full_batch_claims_the_next_one_while_its_last_window_is_sent(
     assert [r.status for r in rows()] == ["sent"] * 9
     assert len(fake_twilio.requests) == 9  # each message left once
     assert len({r.provider_message_id for r in rows()}) == 9
+
+
+def test_results_recorded_by_a_commit_run_again_are_logged_and_counted_once(
+    runtime_factory, fake_twilio, caplog, monkeypatch
+):
+    """The third window's commit (which records the first window's results) is aborted once
+    as a deadlock and run again alone: each message is still logged and counted as sent once,
+    by the commit that kept it."""
+    runtime = runtime_factory(
+        provider=twilio_section(fake_twilio, rate_per_second=12),  # a batch of 6
+        worker={"in_flight_window": 2},
+    )
+    ingest(runtime, [event(f"k{n}") for n in range(6)])
+    marks = [0]
+    mark_in_flight = outbox.mark_in_flight
+
+    def deadlocked_once(*args, **kwargs):
+        marks[0] += 1
+        if marks[0] == 3:
+            raise deadlock()
+        return mark_in_flight(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "mark_in_flight", deadlocked_once)
+    sent = ("txsms_messages_total", {"status": "sent", "reason": ""})
+    before = REGISTRY.get_sample_value(*sent) or 0.0
+    caplog.set_level("INFO", logger="txsms.core.worker")
+    assert Worker(runtime).run_once() == 6
+    assert marks[0] == 4  # that window's commit ran twice
+    lines = [r.getMessage() for r in caplog.records if " sent to " in r.getMessage()]
+    assert len(lines) == 6 and len(set(lines)) == 6
+    assert REGISTRY.get_sample_value(*sent) - before == 6
+    assert len(fake_twilio.requests) == 6
