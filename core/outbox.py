@@ -11,28 +11,55 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Row, Update, and_, bindparam, or_, select
+from sqlalchemy import Connection, Row, Select, TextClause, Update, bindparam, select, text
 
-from txsms.core.storage import DIALECTS, any_of, messages
+from txsms.core.storage import DIALECTS, DUE, any_of, messages
 
-CLAIMABLE = ("pending", "deferred")
+
+def _claimable(dialect: str) -> dict[str, Select | TextClause]:
+    """The two queries of a claim, built once; `now` and `limit` are parameters."""
+    take_over = (
+        select(messages.c.id)
+        .where(
+            messages.c.status == "sending",
+            messages.c.lease_until < bindparam("now"),
+            messages.c.in_flight.is_(False),
+        )
+        .order_by(messages.c.send_at)
+        .limit(bindparam("limit"))
+    )
+    if dialect == "sqlite":  # without statistics it would pick (status, send_at), then sort
+        due = text(
+            "SELECT id FROM messages INDEXED BY ix_messages_due "
+            f"WHERE {DUE.text} AND send_at <= :now ORDER BY send_at LIMIT :limit"
+        )
+        return {"take_over": take_over, "due": due}
+    due = (
+        select(messages.c.id)
+        .where(DUE, messages.c.send_at <= bindparam("now"))
+        .order_by(messages.c.send_at)
+        .limit(bindparam("limit"))
+    )
+    # Rows another worker is claiming are passed over, not waited for.
+    return {
+        "take_over": take_over.with_for_update(skip_locked=True),
+        "due": due.with_for_update(skip_locked=True),
+    }
+
+
+_CLAIMABLE = {dialect: _claimable(dialect) for dialect in DIALECTS}
 
 
 def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequence[Row]:
     now = time.time()
-    ready = or_(
-        and_(messages.c.status.in_(CLAIMABLE), messages.c.send_at <= now),
-        # A claim whose worker died before the request left: safe to take over.
-        and_(
-            messages.c.status == "sending",
-            messages.c.lease_until < now,
-            messages.c.in_flight.is_(False),
-        ),
-    )
-    query = select(messages.c.id).where(ready).order_by(messages.c.send_at).limit(limit)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    ids = [r[0] for r in conn.execute(query)]
+    # Claims whose worker died before the request left: safe to take over, and first, as
+    # they have waited longest. Then the queue, oldest first, read off `ix_messages_due`
+    # (one OR of both made each claim sort every due message: 50 ms with 100,000 waiting).
+    queries = _CLAIMABLE[conn.dialect.name]
+    ids = list(conn.execute(queries["take_over"], {"now": now, "limit": limit}).scalars())
+    if len(ids) < limit:
+        params = {"now": now, "limit": limit - len(ids)}
+        ids += conn.execute(queries["due"], params).scalars()
     if not ids:
         return []
     rows = conn.execute(

@@ -42,6 +42,7 @@ from sqlalchemy import (
     func,
     make_url,
     select,
+    text,
 )
 from sqlalchemy.exc import DBAPIError
 
@@ -67,6 +68,10 @@ events = Table(
     UniqueConstraint("source", "key", name="uq_events_source_key"),
     Index("ix_events_source_order", "source", "order_ref"),
 )
+
+#: Messages a worker claims once their `send_at` has come. Literal in the SQL, so that both
+#: databases can use the partial index `ix_messages_due` (with a bound value they cannot).
+DUE = text("status IN ('pending', 'deferred')")
 
 messages = Table(
     "messages",
@@ -105,6 +110,9 @@ messages = Table(
     Column("sent_at", Float),
     Column("finished_at", Float),
     Index("ix_messages_status_send_at", "status", "send_at"),
+    # The queue in the order it is claimed, and nothing else (see `outbox.claim`): a claim
+    # reads its batch off the front and stops, however many messages wait behind it.
+    Index("ix_messages_due", "send_at", sqlite_where=DUE, postgresql_where=DUE),
     Index("ix_messages_phone_created", "phone_index", "created_at"),
     Index("ix_messages_source_order", "source", "order_ref"),
 )

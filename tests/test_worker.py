@@ -11,6 +11,7 @@ from conftest import twilio_section
 from fakes import deadlock, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from prometheus_client import REGISTRY
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, select
 
 from txsms.core import consent, outbox
@@ -199,6 +200,50 @@ def test_expired_lease_is_taken_over_unless_in_flight(runtime_factory, fake_twil
     assert by_id[claimed[0].id].status == "unknown"
     assert by_id[claimed[0].id].reason == "interrupted"
     assert by_id[claimed[1].id].status == "sent"
+
+
+def test_a_claim_takes_over_first_then_reads_the_queue_off_its_index_oldest_first(runtime):
+    """Abandoned claims first, then the oldest due messages; the due ones come off
+    `ix_messages_due` in `send_at` order, with no sort of the whole queue (which made a claim
+    cost grow with the number of messages waiting)."""
+    ingest(runtime, [event(f"k{n}") for n in range(12)])
+    with runtime.engine.begin() as conn:  # a worker claims the newest, then dies
+        newest = conn.execute(
+            select(messages.c.id).order_by(messages.c.send_at.desc()).limit(1)
+        ).scalar_one()
+        spread = [(n, r.id) for n, r in enumerate(conn.execute(select(messages.c.id)))]
+        for n, message_id in spread:  # distinct send_at, in an order unlike insertion
+            outbox.update(conn, message_id, send_at=time.time() - 100 - (n * 7) % 12)
+        outbox.update(conn, newest, status="sending", lease_until=0.0, claimed_by="dead")
+    statements: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        statements.append((statement, parameters))
+
+    sqlalchemy_event.listen(runtime.engine, "before_cursor_execute", seen)
+    try:
+        with runtime.engine.begin() as conn:
+            rows = outbox.claim(conn, "w", lease=60, limit=5)
+    finally:
+        sqlalchemy_event.remove(runtime.engine, "before_cursor_execute", seen)
+    with runtime.engine.connect() as conn:
+        due = conn.execute(
+            select(messages.c.id)
+            .where(messages.c.id != newest)
+            .order_by(messages.c.send_at)
+            .limit(4)
+        ).scalars()
+        assert {r.id for r in rows} == {newest, *due}
+        [(sql, params)] = [(q, p) for q, p in statements if "IN ('pending', 'deferred')" in q]
+        if runtime.engine.dialect.name == "sqlite":
+            plan = " ".join(
+                r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+            )
+            assert "ix_messages_due" in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            conn.exec_driver_sql("SET enable_seqscan = off")  # a dozen rows: judge the index
+            plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
+            assert "ix_messages_due" in plan and "Sort" not in plan, plan
 
 
 def test_scheduled_message_waits_for_send_at(runtime_factory, fake_twilio):
