@@ -1,9 +1,10 @@
-"""Growth: does a bigger history make ingest or claim slower?
+"""Growth: does a bigger history, or a long queue, make ingest or claim slower?
 
-Two databases side by side, one holding 10 k events and messages, the other `--growth-rows`
-(1 M by default): realistic rows, bulk-filled with multi-row inserts (most messages sent or
-delivered over the past half year, bodies purged after 30 days, the same few pending in both).
-Then, alternately on one and the other so that the machine's load falls on both alike:
+Three databases side by side: one holding 10 k events and messages, one `--growth-rows` (1 M
+by default), realistic rows bulk-filled with multi-row inserts (most messages sent or delivered
+over the past half year, bodies purged after 30 days, the same few pending in both), and one
+with the small history and a backlog of 100 k messages waiting (a provider outage, a night of
+quiet hours). Then, alternately on each so that the machine's load falls on all alike:
 `txsms.core.pipeline.ingest` of single events (ms/event, commit included) and
 `txsms.core.outbox.claim` of a batch of 50 (ms/claim, rolled back so every claim sees the same
 queue).
@@ -25,6 +26,7 @@ from bench.gunicorn_ingest import PHONES
 
 SMALL = 10_000
 PENDING = 200  # messages waiting in both databases: the queue is the same, only history grows
+BACKLOG = 100_000  # messages waiting in the third
 CHUNK = 5_000  # rows per transaction
 ROUNDS, INGESTS, CLAIMS, BATCH = 12, 25, 25, 50  # round 0 is a warm-up
 DAY = 86400.0
@@ -52,16 +54,24 @@ class Growth:
     claim: Cost
 
 
-def run(args, tmp: Path, kind: str, say) -> tuple[Growth, Growth, str]:
-    """(small, large, the load average when measuring) on a fresh pair of `kind` databases."""
-    sizes = (min(SMALL, args.growth_rows), args.growth_rows)
-    with database(kind, tmp) as small_url, database(kind, tmp) as large_url:
-        runtimes = [send.runtime(url, "http://127.0.0.1:9", tmp) for url in (small_url, large_url)]
+def run(args, tmp: Path, kind: str, say) -> tuple[Growth, Growth, Growth, str]:
+    """(small, large, backlog, the load average when measuring) on fresh `kind` databases."""
+    small = min(SMALL, args.growth_rows)
+    sizes = ((small, PENDING), (args.growth_rows, PENDING), (small + BACKLOG, BACKLOG))
+    with (
+        database(kind, tmp) as small_url,
+        database(kind, tmp) as large_url,
+        database(kind, tmp) as backlog_url,
+    ):
+        runtimes = [
+            send.runtime(url, "http://127.0.0.1:9", tmp)
+            for url in (small_url, large_url, backlog_url)
+        ]
         try:
             fills = []
-            for rt, rows in zip(runtimes, sizes, strict=True):
-                say(f"growth: filling {rows:,} rows on {kind}")
-                fills.append(fill(rt, rows))
+            for rt, (rows, pending) in zip(runtimes, sizes, strict=True):
+                say(f"growth: filling {rows:,} rows on {kind}, {pending:,} of them waiting")
+                fills.append(fill(rt, rows, pending))
                 say(f"growth: filled {rows:,} rows on {kind} in {fills[-1]:.0f} s")
             say(f"growth: measuring ingest and claim on {kind}, alternately")
             load_ = loadavg()
@@ -69,15 +79,16 @@ def run(args, tmp: Path, kind: str, say) -> tuple[Growth, Growth, str]:
         finally:
             for rt in runtimes:
                 rt.close()
-    small, large = (
+    small, large, backlog = (
         Growth(rows, seconds, _cost(s["ingest"]), _cost(s["claim"]))
-        for rows, seconds, s in zip(sizes, fills, samples, strict=True)
+        for (rows, _), seconds, s in zip(sizes, fills, samples, strict=True)
     )
-    return small, large, load_
+    return small, large, backlog, load_
 
 
-def fill(rt, rows: int) -> float:
-    """`rows` events, one message each, inserted in chunks; seconds taken (ANALYZE included)."""
+def fill(rt, rows: int, pending: int = PENDING) -> float:
+    """`rows` events, one message each, the last `pending` of them waiting to be sent,
+    inserted in chunks; seconds taken (ANALYZE included)."""
     from sqlalchemy import text
 
     from txsms.core.storage import events, messages
@@ -86,7 +97,7 @@ def fill(rt, rows: int) -> float:
     rnd = random.Random(rows)
     now = time.time()
     pool = _Pool(rt, rnd)
-    history = rows - PENDING
+    history = rows - pending
     # Customers come back: about five messages per number.
     indexes = [
         rt.vault.index(f"+1{rnd.randrange(2012000000, 9899999999)}")
