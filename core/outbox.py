@@ -54,7 +54,7 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
     now = time.time()
     # Claims whose worker died before the request left: safe to take over, and first, as
     # they have waited longest. Then the queue, oldest first, read off `ix_messages_due`
-    # (one OR of both made each claim sort every due message: 50 ms with 100,000 waiting).
+    # (one OR of both sorted every due message: 80 ms a claim with 100,000 waiting).
     queries = _CLAIMABLE[conn.dialect.name]
     ids = list(conn.execute(queries["take_over"], {"now": now, "limit": limit}).scalars())
     if len(ids) < limit:

@@ -333,21 +333,21 @@ def transaction(begin: Callable[[], AbstractContextManager[Connection]]) -> Iter
             yield conn
         finally:
             conn.info.pop(_AFTER_COMMIT, None)
-    for note in pending:
+    for action in pending:
         try:
-            note()
-        except Exception:  # committed is committed: a failing note must not say otherwise
-            log.exception("after-commit note failed")
+            action()
+        except Exception:  # committed is committed: a failing log line must not say otherwise
+            log.exception("after-commit action failed")
 
 
-def after_commit(conn: Connection, note: Callable[[], object]) -> None:
-    """Run `note` (a log line, a counter) once `conn`'s transaction commits, if it was begun
-    by `transaction`; at once otherwise."""
+def after_commit(conn: Connection, action: Callable[[], object]) -> None:
+    """Run `action` (a log line, a counter) once `conn`'s transaction commits, if it was
+    begun by `transaction`; at once otherwise."""
     pending = conn.info.get(_AFTER_COMMIT)
     if pending is None:
-        note()
+        action()
     else:
-        pending.append(note)
+        pending.append(action)
 
 
 def note(conn: Connection, logger: logging.Logger, level: int, msg: str, *args) -> None:

@@ -2,12 +2,13 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-29 16:10:00
+Create Date: 2026-11-29 15:20:00
 
 A claim used to find its batch with one query, an OR of "due" and "taken over from a worker
 that died", which no index serves in `send_at` order: every claim read and sorted all the due
-messages (50 ms per claim of 50 with 100,000 waiting). `outbox.claim` now asks for each part
-on its own, the due part off this index, and stops at the batch size.
+messages (a claim of 50 with 100,000 waiting: 80 ms on PostgreSQL, 12 ms on SQLite).
+`outbox.claim` now asks for each part on its own, the due part off this index, and stops at
+the batch size.
 """
 
 import sqlalchemy as sa
