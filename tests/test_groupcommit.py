@@ -33,10 +33,12 @@ def wait_until(condition, timeout: float = 5.0) -> None:
 
 
 class Recorder:
-    """A run_group that inserts each item's value and says which thread ran which group."""
+    """A run_group that inserts each item's value and says which thread ran which group;
+    `notes`: the values whose commit went through (`after_commit`)."""
 
     def __init__(self):
         self.groups: list[tuple[int, list[int]]] = []
+        self.notes: list[int] = []
         self.hold = threading.Event()
         self.hold.set()
         self.holding = threading.Event()
@@ -47,6 +49,7 @@ class Recorder:
             self.hold.wait(5)
         self.groups.append((threading.get_ident(), list(items)))
         for v in items:
+            storage.after_commit(conn, partial(self.notes.append, v))
             conn.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": v})
         return [v * 10 for v in items]
 
@@ -110,13 +113,16 @@ def test_callers_arriving_while_one_writes_share_the_next_commit(engine):
 
 
 def test_a_failing_item_fails_alone_and_the_connection_is_replaced(engine):
+    """A bad item fails alone; what `after_commit` was given goes out once its item is
+    committed: not for the group that failed, then again for the item run alone."""
     record = Recorder()
     committer = GroupCommitter(engine, record)
     try:
-        committer.run(1)
+        assert committer.run(1) == 10 and record.notes == [1]
         first = committer._conn
         with pytest.raises(Exception, match="UNIQUE"):
             committer.run(1)  # tried again on a fresh connection: still a duplicate
+        assert record.notes == [1]
         assert committer._conn is None
         assert committer.run(2) == 20
         assert committer._conn is not first
@@ -127,6 +133,7 @@ def test_a_failing_item_fails_alone_and_the_connection_is_replaced(engine):
             futures[1].result(5)
     finally:
         committer.close()
+    assert sorted(record.notes) == [1, 2, 3, 4]
     assert stored(engine) == [1, 2, 3, 4]
 
 
@@ -181,31 +188,3 @@ def test_an_item_aborted_for_another_transactions_sake_runs_again(engine):
         committer.close()
     assert aborts == [0]
     assert stored(engine) == [7]
-
-
-def test_the_notes_of_a_failed_group_are_dropped_and_each_item_notes_once_alone(engine):
-    """A log line or counter given to `after_commit` goes out once the item is committed:
-    not for the group that failed, then again for the item run alone."""
-    notes: list[int] = []
-
-    def run_group(conn, items):
-        for v in items:
-            storage.after_commit(conn, partial(notes.append, v))
-            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": v})
-        return [v * 10 for v in items]
-
-    committer = GroupCommitter(engine, run_group)
-    try:
-        assert committer.run(1) == 10 and notes == [1]
-        with pytest.raises(Exception, match="UNIQUE"):  # its group failed, then it alone
-            committer.run(1)
-        assert notes == [1]
-        # Through the writer thread: 3 and 4 are committed alone after the group failed.
-        futures = [committer.submit(v) for v in (3, 1, 4)]
-        assert futures[0].result(5) == 30 and futures[2].result(5) == 40
-        with pytest.raises(Exception, match="UNIQUE"):
-            futures[1].result(5)
-    finally:
-        committer.close()
-    assert sorted(notes) == [1, 3, 4]
-    assert stored(engine) == [1, 3, 4]
