@@ -3,16 +3,20 @@ WAL with the configured durability, and insert_ignore tells an insert from a con
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_config
-from fakes import deadlock
+from fakes import deadlock, wait_until
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -117,7 +121,95 @@ def test_sqlite_runs_in_wal_with_full_synchronous_by_default(tmp_path, sqlite_ur
         assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_sqlite_writer_waits_for_the_lock_then_proceeds(tmp_path, sqlite_url):
+def turn_is_free(lock: Path) -> bool:
+    """Whether another open file of `lock` could take the writers' turn now."""
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def waiting_for_turn(lock: Path) -> int:
+    """How many flocks on `lock` wait (proc(5): a waiting lock's line in /proc/locks has "->")."""
+    inode = str(lock.stat().st_ino)
+    return sum(
+        "->" in fields and "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == inode
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+    )
+
+
+def test_sqlite_writers_wait_their_turn_in_the_kernel_then_begin_at_the_first_try(
+    tmp_path, sqlite_url
+):
+    engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
+    storage.upgrade(engine)
+    lock = tmp_path / "txsms.db-lock"
+    holder = engine.connect()
+    holder.begin()
+    statements: list[str] = []
+    seen: list[int] = []
+
+    def write() -> None:
+        with engine.connect() as conn:
+            conn.connection.driver_connection.set_trace_callback(statements.append)
+            with conn.begin():
+                seen.append(
+                    conn.execute(select(func.count()).select_from(storage.cursors)).scalar()
+                )
+
+    writer = threading.Thread(target=write)
+    try:
+        assert not turn_is_free(lock)  # the holder's turn, held in the kernel
+        writer.start()
+        wait_until(lambda: waiting_for_turn(lock) == 1)  # the writer sleeps in the kernel
+        assert statements == []  # ... without having tried SQLite's lock
+        holder.execute(storage.cursors.insert().values(name="c", value="1", updated_at=0.0))
+        holder.commit()
+        writer.join(5)
+        assert seen == [1]  # began after the holder's commit, at the first try:
+        assert statements[0] == "BEGIN IMMEDIATE"
+        assert statements.count("BEGIN IMMEDIATE") == 1
+        assert not any("busy_timeout" in s for s in statements)
+        assert turn_is_free(lock)
+    finally:
+        holder.close()
+        writer.join(5)
+        engine.dispose()
+
+
+def test_a_writer_that_takes_no_turns_is_waited_for_and_a_failed_begin_gives_the_turn_back(
+    tmp_path, sqlite_url
+):
+    engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
+    storage.upgrade(engine)
+    lock = tmp_path / "txsms.db-lock"
+    with closing(sqlite3.connect(tmp_path / "txsms.db", isolation_level=None)) as shell:
+        shell.execute("BEGIN IMMEDIATE")  # SQLite's write lock, as the sqlite3 shell takes it
+        raw = engine.raw_connection()
+        try:
+            queued = raw.driver_connection
+            assert isinstance(queued, storage.QueuedWriter)
+            queued.execute("PRAGMA busy_timeout=50")
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                storage.begin_immediate(queued)
+            assert queued.in_transaction is False
+            assert turn_is_free(lock)  # not held on by the writer that gave up
+            shell.execute("COMMIT")
+            storage.begin_immediate(queued)
+            assert queued.in_transaction is True
+            assert not turn_is_free(lock)
+            queued.rollback()
+            assert turn_is_free(lock)
+        finally:
+            raw.close()
+            engine.dispose()
+
+
+def test_a_connection_without_turns_tries_again_until_the_lock_is_free(tmp_path, sqlite_url):
+    """Connections made outside `make_engine` (no `QueuedWriter`) wait by trying again."""
     engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
     storage.upgrade(engine)
     holder = engine.connect()
@@ -132,24 +224,55 @@ def test_sqlite_writer_waits_for_the_lock_then_proceeds(tmp_path, sqlite_url):
     thread = threading.Thread(target=release_soon)
     thread.start()
     try:
-        raw = engine.raw_connection()
-        try:
+        with closing(sqlite3.connect(tmp_path / "txsms.db", isolation_level=None)) as plain:
+            plain.execute("PRAGMA busy_timeout=30000")
             # Held: a short wait gives up with SQLite's own error, nothing begun.
             with pytest.raises(sqlite3.OperationalError, match="locked"):
-                storage.begin_immediate(raw.driver_connection, timeout=0.05)
-            assert raw.driver_connection.in_transaction is False
+                storage.begin_immediate(plain, timeout=0.05)
+            assert plain.in_transaction is False
             released.set()  # the holder commits while the next try is waiting
-            storage.begin_immediate(raw.driver_connection)
-            assert raw.driver_connection.in_transaction is True
+            storage.begin_immediate(plain)
+            assert plain.in_transaction is True
             # Other statements keep SQLite's own 30-second wait.
-            assert raw.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
-            raw.driver_connection.execute("ROLLBACK")
-        finally:
-            raw.close()
+            assert plain.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+            plain.execute("ROLLBACK")
     finally:
         released.set()
         thread.join()
         holder.close()
+        engine.dispose()
+
+
+HOLD_A_TURN = """
+import sys, time
+from txsms.core import storage
+from txsms.core.config import StorageConfig
+engine = storage.make_engine(StorageConfig(url=sys.argv[1]))
+conn = engine.connect()
+conn.begin()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_writer_killed_in_its_turn_hands_it_on(tmp_path, sqlite_url):
+    engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
+    storage.upgrade(engine)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_TURN, sqlite_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert not turn_is_free(tmp_path / "txsms.db-lock")
+        holder.kill()
+        holder.wait(5)
+        with engine.begin() as conn:  # would wait for ever if the turn outlived its process
+            conn.execute(storage.cursors.insert().values(name="c", value="1", updated_at=0.0))
+        assert turn_is_free(tmp_path / "txsms.db-lock")
+    finally:
+        holder.kill()
+        holder.wait(5)
+        holder.stdout.close()
         engine.dispose()
 
 
