@@ -4,6 +4,7 @@ WAL with the configured durability, and insert_ignore tells an insert from a con
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 import subprocess
 import sys
@@ -104,7 +105,9 @@ def test_sqlite_runs_in_wal_with_full_synchronous_by_default(tmp_path, sqlite_ur
             for conn in (one, two):
                 cur = conn.cursor()
                 assert cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-                assert cur.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+                # FULL's flush is made by the connection, after the write lock: see below.
+                assert cur.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+                assert conn.driver_connection.flushes_wal is True
                 assert cur.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
                 assert cur.execute("PRAGMA foreign_keys").fetchone()[0] == 1
                 assert cur.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
@@ -177,6 +180,46 @@ def test_sqlite_writers_wait_their_turn_in_the_kernel_then_begin_at_the_first_tr
     finally:
         holder.close()
         writer.join(5)
+        engine.dispose()
+
+
+def test_a_write_transaction_ends_once_the_wal_is_flushed_after_the_turn_was_given(
+    tmp_path, sqlite_url, monkeypatch
+):
+    """FULL's durability, with the flush out of the write lock: commit (and rollback, which
+    may have read another's commit not flushed yet) returns only once the WAL is on disk."""
+    engine = storage.make_engine(make_config(tmp_path, sqlite_url).storage)
+    storage.upgrade(engine)
+    lock = tmp_path / "txsms.db-lock"
+    flushes: list[tuple[str, bool]] = []  # (file flushed, whether the turn was free by then)
+    flush = storage._fdatasync
+
+    def recording(fd: int) -> None:
+        flushes.append((os.readlink(f"/proc/self/fd/{fd}"), turn_is_free(lock)))
+        flush(fd)
+
+    monkeypatch.setattr(storage, "_fdatasync", recording)
+    wal = str(tmp_path / "txsms.db-wal")
+    try:
+        with engine.begin() as conn:
+            conn.execute(storage.cursors.insert().values(name="a", value="1", updated_at=0.0))
+            assert flushes == []
+        assert flushes == [(wal, True)]  # once, after the turn, before begin() returned
+        with engine.connect() as conn:  # a write transaction that ends in a rollback
+            conn.execute(select(storage.cursors.c.value)).all()
+        assert flushes == [(wal, True)] * 2
+        with storage.reader(engine) as conn:  # reads outside the write lock: nothing to flush
+            assert conn.execute(select(storage.cursors.c.value)).scalars().all() == ["1"]
+        assert len(flushes) == 2
+
+        def failing(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(storage, "_fdatasync", failing)
+        with pytest.raises(OSError, match="Input/output"), engine.begin() as conn:
+            conn.execute(storage.cursors.insert().values(name="b", value="2", updated_at=0.0))
+        assert turn_is_free(lock)  # a failed flush is the caller's error, not a stuck turn
+    finally:
         engine.dispose()
 
 
@@ -284,6 +327,7 @@ def test_sqlite_synchronous_follows_the_config(tmp_path, sqlite_url, setting, ex
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.connection.driver_connection.flushes_wal is False  # SQLite's own
     finally:
         engine.dispose()
 
