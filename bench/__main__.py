@@ -51,6 +51,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=1, help="load generator processes")
     p.add_argument("--messages", type=int, default=2000, help="messages per send run")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="gunicorn: the measured seconds in this many slices, bare route and txsms in turns",
+    )
+    p.add_argument(
         "--only",
         choices=BENCHMARKS,
         action="append",
@@ -227,14 +233,14 @@ def run_gunicorn(args, tmp: Path, kinds: list[str], slow_fake: str) -> list[tupl
     server = f"gunicorn -w {GUNICORN_WORKERS} -k {args.worker_class}"
     rows, receivers = [], []
     for kind in kinds:
-        say(f"gunicorn: bare Flask route, {args.seconds:g} s")
+        say(
+            f"gunicorn: bare Flask route and txsms receiver on {kind} with a txsms worker, "
+            f"{args.seconds:g} s each in {args.rounds} turns"
+        )
         load_ = loadavg()
-        base = gunicorn_ingest.bare(args, tmp)
-        name = f"bare Flask route, {server} (just before)"
+        base, r = gunicorn_ingest.compare(args, tmp, kind, slow_fake)
+        name = f"bare Flask route, {server} (in turns with the row below)"
         rows.append((name, "-", f"{base.rps:,.0f} req/s", *_load_cols(base), load_, "baseline", ""))
-        say(f"gunicorn: txsms receiver on {kind} with a txsms worker, {args.seconds:g} s")
-        load_ = loadavg()
-        r = gunicorn_ingest.txsms(args, tmp, kind, slow_fake)
         ratio = r.rps / base.rps
         rows.append(
             (
@@ -459,10 +465,13 @@ How to read it:
   {a.worker_class} 'txsms.webhooks:create_app()'` (`TXSMS_CONFIG`, `txsms db upgrade` first,
   the shop with `send_test_orders = true` because the example is a test order), with a
   `txsms worker` process beside it sending to a fake Twilio that answers in {delay:.0f} ms. The
-  baseline, measured just before each, is the same gunicorn serving the bare Flask route
-  (`bench/bare_app.py`). Both wait until both gunicorn workers have loaded the app. The sync
-  worker closes the connection after every answer, so each request opens one. CPU: both
-  gunicorn workers + load generator.
+  baseline is the same gunicorn serving the bare Flask route (`bench/bare_app.py`), started
+  beside it. Both wait until both gunicorn workers have loaded the app. The two are loaded in
+  turns: the {a.seconds:g} s measured of each in {a.rounds} slices (bare, txsms; txsms, bare;
+  …), each after {a.warmup:g} s of warm-up, so that both see the same machine (whose speed
+  moves by a third within minutes; measured one after the other, the bare route gave 2,431
+  and 4,084 req/s in one run). The sync worker closes the connection after every answer, so
+  each request opens one. CPU: both gunicorn workers + load generator.
 - **naive receiver**: `bench/naive_app.py` under the same gunicorn and the same deliveries: it
   checks the HMAC, POSTs the SMS to the fake Twilio answering in {delay:.0f} ms, then answers.
   The txsms rows under it repeat the gunicorn rows above (their worker used that same fake).

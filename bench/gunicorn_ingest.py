@@ -12,7 +12,8 @@ import hmac
 import json
 import os
 import subprocess
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench import load
@@ -87,22 +88,26 @@ def spec(port: int, server_pids: tuple[int, ...], args) -> load.Spec:
     )
 
 
-def serve(app: str, log: Path, args, env: dict[str, str] | None = None) -> load.Result:
-    """`app` under `gunicorn -w 2` (both workers loaded), loaded; gunicorn stopped after."""
+@contextmanager
+def serving(app: str, log: Path, args, env: dict[str, str] | None = None) -> Iterator[load.Spec]:
+    """`app` under `gunicorn -w 2` (both workers loaded): the load's spec; stopped after."""
     proc, port, workers = gunicorn(app, log, args.worker_class, args.gthreads, env)
     try:
-        return load.run(spec(port, workers, args))
+        yield spec(port, workers, args)
     finally:
         stop(proc)
 
 
-def bare(args, tmp: Path) -> load.Result:
-    return serve(BARE_APP, tmp / "gunicorn-bare.log", args)
+def serve(app: str, log: Path, args, env: dict[str, str] | None = None) -> load.Result:
+    with serving(app, log, args, env) as measured:
+        return load.run(measured)
 
 
-def txsms(args, tmp: Path, kind: str, fake_url: str) -> load.Result:
-    """The receiver on a fresh database (`txsms db upgrade` first), a `txsms worker` beside it
-    sending to `fake_url`; afterwards every 200 must have its event stored and some sent."""
+def compare(args, tmp: Path, kind: str, fake_url: str) -> tuple[load.Result, load.Result]:
+    """The bare route and the txsms receiver (a fresh database, `txsms db upgrade` first, a
+    `txsms worker` beside it sending to `fake_url`), both served at once and loaded in turns
+    (`load.alternate`): (bare, txsms). Afterwards every 200 must have its event stored, and
+    some must have been sent."""
     with database(kind, tmp, migrate=False) as url:
         config = tmp / f"gunicorn-{kind}.toml"
         config.write_text(
@@ -134,8 +139,12 @@ def txsms(args, tmp: Path, kind: str, fake_url: str) -> load.Result:
             worker = start([TXSMS, "worker"], worker_log, env=env)
             stack.callback(stop, worker)
             wait_log(worker_log, "running with", worker)
-            result = serve(TXSMS_APP, tmp / f"gunicorn-{kind}.log", args, env)
+            receiver = stack.enter_context(
+                serving(TXSMS_APP, tmp / f"gunicorn-{kind}.log", args, env)
+            )
+            bare = stack.enter_context(serving(BARE_APP, tmp / f"gunicorn-bare-{kind}.log", args))
+            base, result = load.alternate([bare, receiver], args.rounds)
         events, sent = stored(url)
     if events < result.answered or not sent:  # a 200 is a promise that the event is stored
         raise RuntimeError(f"{result.answered} answered 200, {events} events stored, {sent} sent")
-    return result
+    return base, result

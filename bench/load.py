@@ -13,7 +13,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Empty
 
@@ -34,6 +34,7 @@ class Spec:
     seconds: float = 10.0
     warmup: float = 1.0
     server_pid: int | tuple[int, ...] | None = None  # the server's CPU over the window (summed)
+    first: int = 0  # the first request number on each connection (distinct bodies across runs)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,24 @@ class Result:
 
 def run(spec: Spec) -> Result:
     return start(spec).result()
+
+
+def alternate(specs: list[Spec], rounds: int) -> list[Result]:
+    """Each spec's load in `rounds` slices of `seconds / rounds`, taking turns (A B, B A, A B
+    …), each slice with its own warm-up: servers compared this way see the same machine, where
+    one run after the other can see a different one (a shared machine's speed moves by a
+    third within minutes). One result per spec, over all its slices."""
+    parts: list[list[dict]] = [[] for _ in specs]
+    for r in range(rounds):
+        order = list(enumerate(specs)) if r % 2 == 0 else list(enumerate(specs))[::-1]
+        for i, spec in order:
+            piece = replace(spec, seconds=spec.seconds / rounds, first=r * ROUND_REQUESTS)
+            parts[i] += start(piece).parts()
+    return [_summary(spec, p) for spec, p in zip(specs, parts, strict=True)]
+
+
+#: Request numbers per slice: no connection makes this many in one.
+ROUND_REQUESTS = 1_000_000
 
 
 class Running:
@@ -88,11 +107,14 @@ class Running:
         self._join()  # after an error elsewhere: no generator outlives the benchmark
 
     def result(self) -> Result:
+        return _summary(self.spec, self.parts())
+
+    def parts(self) -> list[dict]:
+        """Each generator process's report, once the load is over."""
         try:
-            parts = _collect(self.queue, self.procs, self._deadline)
+            return _collect(self.queue, self.procs, self._deadline)
         finally:
             self._join()
-        return _summary(self.spec, parts)
 
     def _join(self) -> None:
         for p in self.procs:
@@ -117,13 +139,13 @@ def _summary(spec: Spec, parts: list[dict]) -> Result:
             latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
         )
 
-    return Result(
+    return Result(  # (only the first generator process reports the server's CPU)
         rps=sum(p["completed"] for p in parts) / spec.seconds,
         p50_ms=pct(0.50),
         p99_ms=pct(0.99),
         errors=sum(p["errors"] for p in parts),
         answered=sum(p["answered"] for p in parts),
-        server_cpu=server[0] / spec.seconds if server else None,
+        server_cpu=sum(server) / spec.seconds if server else None,
         client_cpu=sum(p["client_cpu"] for p in parts) / spec.seconds,
     )
 
@@ -181,7 +203,7 @@ def _generate(spec: Spec, proc: int, barrier, queue, shared_window, started) -> 
 
 def _connection(spec: Spec, tag: str, conn, window: tuple[float, float], stats: dict) -> None:
     start, end = window
-    n = 0
+    n = spec.first
     while (t0 := time.monotonic()) < end:
         body, headers = spec.body(tag, n), spec.headers
         if isinstance(body, tuple):
