@@ -111,7 +111,7 @@ def test_sqlite_runs_in_wal_with_full_synchronous_by_default(tmp_path, sqlite_ur
                 assert cur.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
                 assert cur.execute("PRAGMA foreign_keys").fetchone()[0] == 1
                 assert cur.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
-                assert cur.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+                assert cur.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 3_000
                 assert cur.execute("PRAGMA journal_size_limit").fetchone()[0] == 64 << 20
                 cur.close()
         finally:
