@@ -131,9 +131,10 @@ def _part(name: str):
     return literal_column(f"'{name}'").label("part")
 
 
-def number_parts(dialect: str) -> list[Select]:
+def number_parts(dialect: str, *, single: bool = False) -> list[Select]:
     """The recipient row, the ledger and the switched-off categories of the numbers in the
-    list parameter `indexes`, as rows of (part, key, a, b, at, seq).
+    list parameter `indexes` (`single`: see `storage.any_of`), as rows of (part, key, a, b,
+    at, seq).
 
     `numbers` unions them; ingest unions them with look-ups of its own of the same shape, so
     that a webhook's reads are one round trip. `numbers_from` reads the rows back."""
@@ -145,7 +146,7 @@ def number_parts(dialect: str) -> list[Select]:
             null().label("b"),
             recipients.c.footer_sent_at.label("at"),
             literal_column("0").label("seq"),
-        ).where(any_of(recipients.c.phone_index, "indexes", dialect)),
+        ).where(any_of(recipients.c.phone_index, "indexes", dialect, single=single)),
         select(
             _part("ledger"),
             consent_ledger.c.phone_index,
@@ -153,7 +154,7 @@ def number_parts(dialect: str) -> list[Select]:
             consent_ledger.c.action,
             consent_ledger.c.created_at,
             consent_ledger.c.id,
-        ).where(any_of(consent_ledger.c.phone_index, "indexes", dialect)),
+        ).where(any_of(consent_ledger.c.phone_index, "indexes", dialect, single=single)),
         select(
             _part("off"),
             preferences.c.phone_index,
@@ -162,7 +163,8 @@ def number_parts(dialect: str) -> list[Select]:
             null(),
             literal_column("0"),
         ).where(
-            any_of(preferences.c.phone_index, "indexes", dialect), preferences.c.enabled.is_(False)
+            any_of(preferences.c.phone_index, "indexes", dialect, single=single),
+            preferences.c.enabled.is_(False),
         ),
     ]
 

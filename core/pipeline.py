@@ -268,9 +268,10 @@ _CONTEXT_OF = select(order_context.c.context_enc, order_context.c.last_modified.
 )
 
 
-def _lookups(dialect: str):
+def _lookups(dialect: str, single: bool):
     """Everything ingest reads about a batch before writing, in one round trip: the numbers
-    (`consent.number_parts`), the orders' stored context, and the sources' state.
+    (`consent.number_parts`), the orders' stored context, and the sources' state. `single`:
+    for a batch with at most one of each, as a webhook's usually is (`storage.any_of`).
 
     Rows are (part, key, a, b, at, seq, context_enc). An order: key = source, a = reference,
     at = its last modification. A source: at = when it was disabled (None: it is not). The
@@ -278,7 +279,7 @@ def _lookups(dialect: str):
     arrays lack): rows of other pairs that match both are dropped by the caller."""
     no_context = null().cast(order_context.c.context_enc.type).label("context_enc")
     return union_all(
-        *(part.add_columns(no_context) for part in consent.number_parts(dialect)),
+        *(part.add_columns(no_context) for part in consent.number_parts(dialect, single=single)),
         select(
             literal_column("'order'"),
             order_context.c.source,
@@ -288,8 +289,8 @@ def _lookups(dialect: str):
             literal_column("0"),
             order_context.c.context_enc,
         ).where(
-            any_of(order_context.c.source, "order_sources", dialect),
-            any_of(order_context.c.order_ref, "order_refs", dialect),
+            any_of(order_context.c.source, "order_sources", dialect, single=single),
+            any_of(order_context.c.order_ref, "order_refs", dialect, single=single),
         ),
         select(
             literal_column("'source'"),
@@ -299,11 +300,11 @@ def _lookups(dialect: str):
             sources.c.disabled_at,
             literal_column("0"),
             null(),
-        ).where(any_of(sources.c.source, "names", dialect)),
+        ).where(any_of(sources.c.source, "names", dialect, single=single)),
     )
 
 
-_LOOKUPS = {dialect: _lookups(dialect) for dialect in DIALECTS}
+_LOOKUPS = {(d, single): _lookups(d, single) for d in DIALECTS for single in (False, True)}
 
 
 class _Lookups:
@@ -331,7 +332,11 @@ class _Lookups:
             "names": names,
         }
         asked = indexes or orders or names
-        rows = conn.execute(_LOOKUPS[conn.dialect.name], params).all() if asked else []
+        single = all(len(values) <= 1 for values in params.values())
+        if single:
+            params = {name: values[0] if values else None for name, values in params.items()}
+        lookups = _LOOKUPS[conn.dialect.name, single]
+        rows = conn.execute(lookups, params).all() if asked else []
         self.numbers = consent.numbers_from(indexes, rows)
         for row in rows:
             if row.part == "source":

@@ -423,3 +423,84 @@ def _event(key: str) -> Event:
         recipient=Recipient(phone="+14155550100", name="Ada"),
         data={"order": {"number": "#7", "total": "$5.00"}},
     )
+
+
+def test_a_single_events_look_ups_bind_plain_values_and_a_batchs_lists(runtime):
+    """One event (a webhook's usual delivery) asks with plain values, a batch with lists;
+    a number's context, an order's and a source's read back the same either way."""
+    from sqlalchemy import event as sa_event
+
+    from txsms.core.events import OrderRef
+    from txsms.core.pipeline import _Lookups
+
+    def created(ref: str, phone: str | None) -> Event:
+        return Event(
+            source="api",
+            kind="order.created",
+            key=f"{ref}:created",
+            recipient=Recipient(phone=phone),
+            data={"order": {"number": f"#{ref}"}},
+            order=OrderRef(ref=ref),
+        )
+
+    ingest(runtime, [created("1", PHONE)])
+    asked: list[tuple[str, dict]] = []
+
+    def record(_conn, _cursor, statement, parameters, _context, _many):
+        asked.append((statement, parameters))
+
+    sa_event.listen(runtime.engine, "before_cursor_execute", record)
+    try:
+        with runtime.engine.connect() as conn:
+            one = _Lookups(runtime, conn, [created("1", PHONE)])
+            none = _Lookups(runtime, conn, [created("9", None)])
+            batch = _Lookups(runtime, conn, [created("1", PHONE), created("2", NY_PHONE)])
+    finally:
+        sa_event.remove(runtime.engine, "before_cursor_execute", record)
+    plain, empty, lists = asked
+    assert "json_each" not in plain[0] and "ANY" not in plain[0]
+    assert None in (empty[1].values() if isinstance(empty[1], dict) else empty[1])
+    assert "json_each" in lists[0] or "ANY" in lists[0]
+    index = runtime.vault.index("+14155550100")
+    for lookups in (one, batch):
+        assert lookups.numbers[index].known
+        assert lookups.contexts[("api", "1")] is not None
+        assert lookups.sources == {"api": False}
+    assert batch.contexts[("api", "2")] is None  # never seen
+    assert none.numbers == {} and none.contexts == {("api", "9"): None}
+
+
+def test_postgresql_settles_on_one_plan_for_plain_look_ups_and_plans_each_list(pg_runtime):
+    """Why a single event's look-ups bind plain values: PostgreSQL plans a prepared statement
+    with arrays anew at every call (the arrays' length changes what a plan costs), and with
+    plain values keeps one plan after five calls (0.1 ms less per webhook)."""
+    from sqlalchemy import text
+
+    from txsms.core.pipeline import _LOOKUPS
+
+    with pg_runtime.engine.connect() as conn:
+        for i in range(15):  # psycopg prepares after 5 calls; PostgreSQL compares 5 plans
+            conn.execute(
+                _LOOKUPS["postgresql", True],
+                {"indexes": f"i{i}", "order_sources": "s", "order_refs": f"r{i}", "names": "s"},
+            ).all()
+            conn.execute(
+                _LOOKUPS["postgresql", False],
+                {
+                    "indexes": [f"i{i}"],
+                    "order_sources": ["s"],
+                    "order_refs": [f"r{i}"],
+                    "names": ["s"],
+                },
+            ).all()
+        plans = conn.execute(
+            text(
+                "SELECT statement LIKE '%ANY (%' AS lists, generic_plans, custom_plans"
+                " FROM pg_prepared_statements WHERE statement LIKE '%recipient%'"
+            )
+        ).all()
+    by_kind = {row.lists: row for row in plans}
+    assert sorted(by_kind) == [False, True]
+    plain, lists = by_kind[False], by_kind[True]
+    assert plain.generic_plans > 0 and plain.custom_plans <= 5  # compared, then one for good
+    assert lists.generic_plans == 0 and lists.custom_plans > 5  # every call planned anew
