@@ -355,28 +355,24 @@ class QueuedWriter(sqlite3.Connection):
         return True
 
     def commit(self) -> None:
-        try:
-            super().commit()
-        finally:
-            ended = self.give_turn()
-        if ended and self.flushes_wal:
-            self._flush_wal()
+        self._end(super().commit)
 
     def rollback(self) -> None:
+        self._end(super().rollback)
+
+    def _end(self, end: Callable[[], None]) -> None:
+        """COMMIT or ROLLBACK, the turn to the next writer, then the flush (see above)."""
         try:
-            super().rollback()
+            end()
         finally:
             ended = self.give_turn()
         if ended and self.flushes_wal:
-            self._flush_wal()
-
-    def _flush_wal(self) -> None:
-        # Opened each time: SQLite may start a new WAL file once every connection has closed.
-        fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _fdatasync(fd)
-        finally:
-            os.close(fd)
+            # Opened each time: SQLite starts a new WAL file once every connection has closed.
+            fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         try:

@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from fakes import statements_run
 from sqlalchemy import func, select
 
 from txsms.core import consent
@@ -428,8 +429,6 @@ def _event(key: str) -> Event:
 def test_a_single_events_look_ups_bind_plain_values_and_a_batchs_lists(runtime):
     """One event (a webhook's usual delivery) asks with plain values, a batch with lists;
     a number's context, an order's and a source's read back the same either way."""
-    from sqlalchemy import event as sa_event
-
     from txsms.core.events import OrderRef
     from txsms.core.pipeline import _Lookups
 
@@ -444,19 +443,10 @@ def test_a_single_events_look_ups_bind_plain_values_and_a_batchs_lists(runtime):
         )
 
     ingest(runtime, [created("1", PHONE)])
-    asked: list[tuple[str, dict]] = []
-
-    def record(_conn, _cursor, statement, parameters, _context, _many):
-        asked.append((statement, parameters))
-
-    sa_event.listen(runtime.engine, "before_cursor_execute", record)
-    try:
-        with runtime.engine.connect() as conn:
-            one = _Lookups(runtime, conn, [created("1", PHONE)])
-            none = _Lookups(runtime, conn, [created("9", None)])
-            batch = _Lookups(runtime, conn, [created("1", PHONE), created("2", NY_PHONE)])
-    finally:
-        sa_event.remove(runtime.engine, "before_cursor_execute", record)
+    with statements_run(runtime.engine) as asked, runtime.engine.connect() as conn:
+        one = _Lookups(runtime, conn, [created("1", PHONE)])
+        none = _Lookups(runtime, conn, [created("9", None)])
+        batch = _Lookups(runtime, conn, [created("1", PHONE), created("2", NY_PHONE)])
     plain, empty, lists = asked
     assert "json_each" not in plain[0] and "ANY" not in plain[0]
     assert None in (empty[1].values() if isinstance(empty[1], dict) else empty[1])

@@ -8,10 +8,9 @@ from itertools import pairwise
 
 import pytest
 from conftest import twilio_section
-from fakes import deadlock, wait_until
+from fakes import deadlock, statements_run, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from prometheus_client import REGISTRY
-from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, select
 
 from txsms.core import consent, outbox
@@ -215,17 +214,8 @@ def test_a_claim_takes_over_first_then_reads_the_queue_off_its_index_oldest_firs
         for n, message_id in spread:  # distinct send_at, in an order unlike insertion
             outbox.update(conn, message_id, send_at=time.time() - 100 - (n * 7) % 12)
         outbox.update(conn, newest, status="sending", lease_until=0.0, claimed_by="dead")
-    statements: list[tuple[str, object]] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany):
-        statements.append((statement, parameters))
-
-    sqlalchemy_event.listen(runtime.engine, "before_cursor_execute", seen)
-    try:
-        with runtime.engine.begin() as conn:
-            rows = outbox.claim(conn, "w", lease=60, limit=5)
-    finally:
-        sqlalchemy_event.remove(runtime.engine, "before_cursor_execute", seen)
+    with statements_run(runtime.engine) as statements, runtime.engine.begin() as conn:
+        rows = outbox.claim(conn, "w", lease=60, limit=5)
     with runtime.engine.connect() as conn:
         due = conn.execute(
             select(messages.c.id)

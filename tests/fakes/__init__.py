@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
+from sqlalchemy import Engine
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.exc import OperationalError
 
 T = TypeVar("T")
@@ -29,6 +32,22 @@ def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float
             name = getattr(predicate, "__qualname__", repr(predicate))
             raise AssertionError(f"wait_until: {name} still false after {timeout}s")
         time.sleep(interval)
+
+
+@contextmanager
+def statements_run(engine: Engine) -> Iterator[list[tuple[str, object]]]:
+    """The (SQL, parameters) sent through `engine`'s cursors while the block runs (what
+    SQLAlchemy executes: statements sent straight to the driver are not seen)."""
+    seen: list[tuple[str, object]] = []
+
+    def record(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
+        seen.append((statement, parameters))
+
+    sqlalchemy_event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", record)
 
 
 class _DeadlockDetected(Exception):
