@@ -367,7 +367,8 @@ class QueuedWriter(sqlite3.Connection):
         finally:
             ended = self.give_turn()
         if ended and self.flushes_wal:
-            # Opened each time: SQLite starts a new WAL file once every connection has closed.
+            # Opened each time (a few µs): SQLite creates the WAL with the first write, and
+            # deletes it when the last connection to the file closes.
             fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 _fdatasync(fd)
