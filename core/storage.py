@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -232,7 +233,7 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
             )
             kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "options": options}
             url = parsed.difference_update_query(["options"])
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        return _fork_safe(create_engine(url, pool_pre_ping=True, **kwargs))
     if not sqlite_has_json():  # lists are bound as JSON (`any_of`)
         raise ConfigError(
             f"Python's SQLite {sqlite3.sqlite_version} lacks the JSON functions "
@@ -274,7 +275,39 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
         if not conn.get_execution_options().get(_READER):  # each read its own transaction
             begin_immediate(conn.connection.dbapi_connection)
 
+    return _fork_safe(engine)
+
+
+# -- fork --------------------------------------------------------------------------------------
+# A connection must not cross a fork: two processes on one PostgreSQL socket read each other's
+# results, and SQLite forbids using a connection in a child (its locks are the parent's).
+# `gunicorn --preload` forks its workers after `create_app()` has used the engine (the
+# migration check), and the pool would hand the parent's connection to every worker. So a
+# child starts with empty pools. What it inherited is kept, neither used nor closed: psycopg
+# leaves another process's connection alone when it is collected, but Python's sqlite3 closes
+# the files, and closing a file drops every POSIX lock this process holds on it, those of its
+# own connections to the same database too (SQLite's "how to corrupt": 2.2).
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_readers: weakref.WeakSet[Readers] = weakref.WeakSet()
+_inherited: list[object] = []  # the parent's pools and connections, in a child
+
+
+def _fork_safe(engine: Engine) -> Engine:
+    _engines.add(engine)
     return engine
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_engines):
+        _inherited.append(engine.pool)
+        engine.dispose(close=False)  # a new, empty pool; the old one is left as it is
+    for readers in list(_readers):
+        readers.forget_inherited()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache
@@ -516,6 +549,13 @@ class Readers:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._made: list[Connection] = []
+        _readers.add(self)
+
+    def forget_inherited(self) -> None:
+        """In a child after fork: the connections are the parent's (see `_after_fork_in_child`).
+        The lock is new too: another thread of the parent may have held it."""
+        _inherited.append((self._local, self._made))
+        self._local, self._lock, self._made = threading.local(), threading.Lock(), []
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:

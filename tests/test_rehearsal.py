@@ -355,6 +355,9 @@ def test_two_sync_gunicorn_workers_on_one_sqlite_file_record_each_event_once(tmp
                 "2",
                 "-b",
                 f"127.0.0.1:{port}",
+                # The app is made in the master, then forked: each worker must open its own
+                # connections (storage's fork guard), not share the master's.
+                "--preload",
                 "txsms.webhooks:create_app()",
             ],
             env=env,

@@ -4,6 +4,7 @@ WAL with the configured durability, and insert_ignore tells an insert from a con
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import sqlite3
 import subprocess
@@ -523,3 +524,55 @@ def test_notes_go_out_once_their_transaction_commits_and_never_for_an_attempt_ru
     with engine.begin() as conn:  # not begun by `transaction`: at once
         storage.after_commit(conn, lambda: notes.append((4, 0)))
         assert notes[-1] == (4, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alone(runtime):
+    """`gunicorn --preload`: the app (and its engine, which checked the migrations) is made
+    before the workers are forked. A child that took the parent's pooled connection would share
+    its PostgreSQL socket or its SQLite locks with the parent and its siblings."""
+    from txsms.core.events import Event, Recipient
+    from txsms.core.pipeline import ingest
+
+    with runtime.readers.connection() as conn:  # this thread's, kept between uses
+        parent_reader = conn.connection.dbapi_connection
+    with runtime.engine.connect() as conn:  # back in the pool after this
+        parent = conn.connection.dbapi_connection
+    event = Event(
+        source="api",
+        kind="order.created",
+        key="order:1:created",
+        recipient=Recipient(phone="+1 415 555 0101"),
+        data={"order": {"number": "#1"}},
+    )
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            [result] = ingest(runtime, [event])
+            with runtime.engine.connect() as conn:
+                mine = conn.connection.dbapi_connection
+            with runtime.readers.connection() as conn:
+                my_reader = conn.connection.dbapi_connection
+            used = {id(mine), id(my_reader)} & {id(parent), id(parent_reader)}
+            gc.collect()  # whatever the child dropped of the parent's is finalised now
+            os.write(write, f"{result.status} shared={len(used)}".encode())
+            code = 0
+        except BaseException as exc:
+            os.write(write, repr(exc).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    assert report == "accepted shared=0"
+    # The parent's connection is still its own and alive: the child neither used nor ended it.
+    with runtime.engine.connect() as conn:
+        assert conn.connection.dbapi_connection is parent
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 1
+    with runtime.readers.connection() as conn:
+        assert conn.connection.dbapi_connection is parent_reader
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1
