@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from txsms.core.storage import run_transaction, transaction
+from txsms.core.storage import forgets_after_fork, inherited, run_transaction, transaction
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class GroupCommitter:
         # guarding the one connection they share: no pool check-out per commit.
         self._writing = threading.Lock()
         self._conn: Connection | None = None
+        forgets_after_fork(self)
+
+    def forget_inherited(self) -> None:
+        """In a forked child (`storage.forgets_after_fork`): the parent's connection and
+        queue stay behind, and the writer thread did not come along."""
+        inherited(self._conn, self._queue)
+        self._queue = queue.SimpleQueue()
+        self._lock, self._writing = threading.Lock(), threading.Lock()
+        self._thread, self._conn = None, None
 
     def run(self, item):
         """Return `item`'s result once the commit holding it is done: written on this thread

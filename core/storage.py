@@ -289,7 +289,7 @@ def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> E
 # own connections to the same database too (SQLite's "how to corrupt": 2.2).
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_readers: weakref.WeakSet[Readers] = weakref.WeakSet()
+_holders: weakref.WeakSet = weakref.WeakSet()  # see `forgets_after_fork`
 _inherited: list[object] = []  # the parent's pools and connections, in a child
 
 
@@ -298,12 +298,24 @@ def _fork_safe(engine: Engine) -> Engine:
     return engine
 
 
+def forgets_after_fork(holder: Any) -> None:
+    """`holder` keeps connections between uses: in a forked child its `forget_inherited()`
+    hands them to `inherited` and starts afresh (new locks too: another of the parent's
+    threads may have held one, and the parent's threads are not in the child)."""
+    _holders.add(holder)
+
+
+def inherited(*things: object) -> None:
+    """Keep what a child inherited, unused and unclosed (see above)."""
+    _inherited.extend(things)
+
+
 def _after_fork_in_child() -> None:
     for engine in list(_engines):
-        _inherited.append(engine.pool)
+        inherited(engine.pool)
         engine.dispose(close=False)  # a new, empty pool; the old one is left as it is
-    for readers in list(_readers):
-        readers.forget_inherited()
+    for holder in list(_holders):
+        holder.forget_inherited()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -549,12 +561,10 @@ class Readers:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._made: list[Connection] = []
-        _readers.add(self)
+        forgets_after_fork(self)
 
     def forget_inherited(self) -> None:
-        """In a child after fork: the connections are the parent's (see `_after_fork_in_child`).
-        The lock is new too: another thread of the parent may have held it."""
-        _inherited.append((self._local, self._made))
+        inherited(self._local, self._made)
         self._local, self._lock, self._made = threading.local(), threading.Lock(), []
 
     @contextmanager

@@ -532,30 +532,40 @@ def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alon
     before the workers are forked. A child that took the parent's pooled connection would share
     its PostgreSQL socket or its SQLite locks with the parent and its siblings."""
     from txsms.core.events import Event, Recipient
+    from txsms.core.pipeline import _committer as committer
     from txsms.core.pipeline import ingest
 
+    def event(n: int) -> Event:
+        return Event(
+            source="api",
+            kind="order.created",
+            key=f"order:{n}:created",
+            recipient=Recipient(phone="+1 415 555 0101"),
+            data={"order": {"number": f"#{n}"}},
+        )
+
+    ingest(runtime, [event(1)])  # the ingest writer keeps its connection between commits
+    writer = committer(runtime)._conn.connection.dbapi_connection
     with runtime.readers.connection() as conn:  # this thread's, kept between uses
         parent_reader = conn.connection.dbapi_connection
     with runtime.engine.connect() as conn:  # back in the pool after this
         parent = conn.connection.dbapi_connection
-    event = Event(
-        source="api",
-        kind="order.created",
-        key="order:1:created",
-        recipient=Recipient(phone="+1 415 555 0101"),
-        data={"order": {"number": "#1"}},
-    )
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report through the pipe, never return into pytest
         code = 1
         try:
-            [result] = ingest(runtime, [event])
+            [result] = ingest(runtime, [event(2)])
+            my_writer = committer(runtime)._conn.connection.dbapi_connection
             with runtime.engine.connect() as conn:
                 mine = conn.connection.dbapi_connection
             with runtime.readers.connection() as conn:
                 my_reader = conn.connection.dbapi_connection
-            used = {id(mine), id(my_reader)} & {id(parent), id(parent_reader)}
+            used = {id(mine), id(my_reader), id(my_writer)} & {
+                id(parent),
+                id(parent_reader),
+                id(writer),
+            }
             gc.collect()  # whatever the child dropped of the parent's is finalised now
             os.write(write, f"{result.status} shared={len(used)}".encode())
             code = 0
@@ -572,7 +582,9 @@ def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alon
     # The parent's connection is still its own and alive: the child neither used nor ended it.
     with runtime.engine.connect() as conn:
         assert conn.connection.dbapi_connection is parent
-        assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 1
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 2
     with runtime.readers.connection() as conn:
         assert conn.connection.dbapi_connection is parent_reader
-        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 2
+    ingest(runtime, [event(3)])
+    assert committer(runtime)._conn.connection.dbapi_connection is writer
