@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_TOKEN, INDEX_KEY, KEY, to_toml, twilio_section
+from conftest import API_TOKEN, INDEX_KEY, KEY, PG_SKIP, pg_schema, to_toml, twilio_section
 from fakes import wait_until
+from fakes.proxy import TcpProxy
 from fakes.twilio import Delay
+from sqlalchemy.engine import make_url
 
 TXSMS = str(Path(sys.executable).parent / "txsms")
 REPO = Path(__file__).resolve().parent.parent
@@ -171,6 +173,48 @@ def test_posted_three_times_one_sms(tmp_path, server_factory, fake_twilio):
     wait_until(lambda: server.messages()[0]["status"] == "sent")
     assert len(server.messages()) == 1
     assert len(fake_twilio.requests) == 1
+
+
+@pytest.mark.skipif(bool(PG_SKIP), reason=PG_SKIP or "")
+def test_an_unreachable_database_answers_503_until_it_is_back(tmp_path, server_factory):
+    """PostgreSQL behind a proxy the test cuts: events are refused with a 503 to retry, not
+    acknowledged and not a 500, and the receiver recovers by itself once it is back."""
+
+    def event(n: int) -> dict:
+        return {**SAMPLE, "key": f"order:{n}:created"}
+
+    with pg_schema() as url, TcpProxy(_pg_address(url)) as proxy:
+        config = base_config(tmp_path, storage={"url": _through(url, proxy.port)})
+        server = server_factory(tmp_path, config)
+        server.cli("db", "upgrade")
+        server.start()
+        assert server.post({"events": [event(1)]}).status_code == 202
+
+        proxy.cut()
+        down = server.post({"events": [event(2)]})
+        assert down.status_code == 503, down.text
+        assert down.json() == {"error": "database unavailable, try again later"}
+        assert down.headers["Retry-After"] == "5"
+        log = server.err.read_text()
+        assert "database unavailable: OperationalError" in log
+        assert "unhandled error" not in log
+
+        proxy.resume()
+        again = wait_until(lambda: server.post({"events": [event(2)]}), timeout=15)
+        assert again.status_code == 202
+        assert again.json()["events"][0]["status"] == "accepted"  # the 503 stored nothing
+    assert server.stop() == 0
+
+
+def _pg_address(url: str) -> tuple[str, int]:
+    parsed = make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
+def _through(url: str, port: int) -> str:
+    """`url` with the proxy's port in place of the server's."""
+    parsed = make_url(url)
+    return parsed.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
 
 
 def test_slow_provider_never_delays_the_event_api(tmp_path, server_factory, fake_twilio):

@@ -12,6 +12,7 @@ import logging
 import os
 
 from flask import Flask, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from txsms.core.config import Config, load_config
@@ -19,6 +20,9 @@ from txsms.core.metrics import WEBHOOKS
 from txsms.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: What a 503 asks a client to wait while the database is unavailable.
+RETRY_AFTER_SECONDS = 5
 
 
 def create_app(
@@ -48,6 +52,17 @@ def create_app(
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError):
+        # Down, unreachable, or SQLite locked for longer than its busy timeout: no 2xx, so the
+        # platform or client sends it again (a commit that did land is then a duplicate). A
+        # line without the statement or its values, not a traceback per request of an outage.
+        reason = str(exc.orig).strip().splitlines()[0][:200] if str(exc.orig).strip() else ""
+        log.warning("database unavailable: %s: %s", type(exc.orig).__name__, reason)
+        response = jsonify(error="database unavailable, try again later")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response, 503
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
