@@ -46,7 +46,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from txsms.core.config import StorageConfig
 from txsms.core.errors import ConfigError
@@ -598,6 +598,14 @@ class Readers:
             made, self._made = self._made, []
         for conn in made:
             conn.close()
+
+
+def unavailable(exc: OperationalError) -> str:
+    """A database that is down, unreachable or locked, in one line for the log: the driver's
+    error class and the first line of its message, without the statement or its values (an
+    outage would otherwise log a traceback for every request and every poll)."""
+    lines = str(exc.orig).strip().splitlines()
+    return f"{type(exc.orig).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def is_sqlite(engine: Engine) -> bool:

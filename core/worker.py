@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from sqlalchemy import Row, bindparam, select
+from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
@@ -40,6 +41,7 @@ from txsms.core.storage import (
     recipients,
     run_transaction,
     transaction,
+    unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,10 @@ class Worker:
             while not self.stop_event.is_set():
                 try:
                     done = self.run_once(claim_ahead=True)
-                except Exception:  # a database hiccup must not kill the worker thread
+                except OperationalError as exc:  # the database is down: wait for it
+                    log.warning("worker: database unavailable (%s); retrying", unavailable(exc))
+                    done = 0
+                except Exception:  # nor must anything else kill the worker thread
                     log.exception("worker iteration failed; retrying")
                     done = 0
                 if not done:

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from txsms.core.config import Config, load_config
 from txsms.core.metrics import WEBHOOKS
 from txsms.core.runtime import Runtime
+from txsms.core.storage import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,8 @@ def create_app(
     @app.errorhandler(OperationalError)
     def _database_unavailable(exc: OperationalError):
         # Down, unreachable, or SQLite locked for longer than its busy timeout: no 2xx, so the
-        # platform or client sends it again (a commit that did land is then a duplicate). A
-        # line without the statement or its values, not a traceback per request of an outage.
-        reason = str(exc.orig).strip().splitlines()[0][:200] if str(exc.orig).strip() else ""
-        log.warning("database unavailable: %s: %s", type(exc.orig).__name__, reason)
+        # platform or client sends it again (a commit that did land is then a duplicate).
+        log.warning("database unavailable: %s", unavailable(exc))
         response = jsonify(error="database unavailable, try again later")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response, 503
