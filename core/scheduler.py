@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from txsms.core.storage import log_failure
+
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +43,8 @@ class Scheduler:
             try:
                 job.run()
             except Exception:
-                log.exception(
-                    "background job %s failed; next try in %ss", job.name, job.interval_seconds
+                log_failure(
+                    log, "background job %s failed; next try in %ss", job.name, job.interval_seconds
                 )
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -486,7 +487,11 @@ def transaction(begin: Callable[[], AbstractContextManager[Connection]]) -> Iter
         try:
             yield conn
         finally:
-            conn.info.pop(_AFTER_COMMIT, None)
+            # A connection lost mid-transaction is invalidated, its `info` gone with it; asking
+            # for it would raise "Can't reconnect until invalid transaction is rolled back"
+            # over the driver's error, which says what happened.
+            if not conn.invalidated:
+                conn.info.pop(_AFTER_COMMIT, None)
     for action in pending:
         try:
             action()
@@ -606,6 +611,16 @@ def unavailable(exc: OperationalError) -> str:
     outage would otherwise log a traceback for every request and every poll)."""
     lines = str(exc.orig).strip().splitlines()
     return f"{type(exc.orig).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def log_failure(logger: logging.Logger, msg: str, *args: object) -> None:
+    """For an `except` block of a loop that carries on: the database being unavailable is a
+    warning line (`unavailable`), anything else an error with its traceback."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, OperationalError):
+        logger.warning(f"{msg} (database unavailable: %s)", *args, unavailable(exc))
+    else:
+        logger.exception(msg, *args)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import partial
 
 from sqlalchemy import Row, bindparam, select
-from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent, outbox
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
@@ -36,12 +35,12 @@ from txsms.core.runtime import Runtime
 from txsms.core.segments import count_segments
 from txsms.core.storage import (
     after_commit,
+    log_failure,
     messages,
     note,
     recipients,
     run_transaction,
     transaction,
-    unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -159,11 +158,8 @@ class Worker:
             while not self.stop_event.is_set():
                 try:
                     done = self.run_once(claim_ahead=True)
-                except OperationalError as exc:  # the database is down: wait for it
-                    log.warning("worker: database unavailable (%s); retrying", unavailable(exc))
-                    done = 0
-                except Exception:  # nor must anything else kill the worker thread
-                    log.exception("worker iteration failed; retrying")
+                except Exception:  # a database outage must not kill the worker thread
+                    log_failure(log, "worker iteration failed; retrying")
                     done = 0
                 if not done:
                     self.runtime.wakeup.wait(poll)
@@ -277,7 +273,7 @@ class Worker:
         try:
             return future.result()
         except Exception:
-            log.exception("claiming the next batch failed; claiming again")
+            log_failure(log, "claiming the next batch failed; claiming again")
             self._next.carried = handed + self._next.carried
             return None
 
@@ -292,7 +288,7 @@ class Worker:
             try:
                 run_transaction(self.runtime.relaxed, partial(self._record_all, sent=carried))
             except Exception:  # left in flight: `unknown` when the lease ends, then looked up
-                log.exception("recording the last results failed")
+                log_failure(log, "recording the last results failed")
         if batch is None or not batch.rows:
             return
         try:
@@ -301,7 +297,7 @@ class Worker:
                     outbox.unmark_in_flight(conn, list(batch.marked), batch.claim)
                 outbox.release(conn, [row.id for row in batch.rows], batch.claim)
         except Exception:  # stopping anyway: the claims come back when their lease ends
-            log.exception("giving back the batch claimed ahead failed")
+            log_failure(log, "giving back the batch claimed ahead failed")
 
     def _mark(self, window: list[tuple], sent: list[tuple], claim: str) -> Future:
         return self.runtime.committer.submit(partial(self._in_flight, sent, window, claim))

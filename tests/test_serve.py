@@ -200,7 +200,8 @@ def test_a_database_outage_answers_503_and_both_sides_carry_on_once_it_is_back(
         assert down.status_code == 503, down.text
         assert down.json() == {"error": "database unavailable, try again later"}
         assert down.headers["Retry-After"] == "5"
-        wait_until(lambda: "worker: database unavailable" in server.err.read_text(), timeout=10)
+        worker_waits = "worker iteration failed; retrying (database unavailable: OperationalError: "
+        wait_until(lambda: worker_waits in server.err.read_text(), timeout=10)
         log = server.err.read_text()
         assert "database unavailable: OperationalError: " in log
         assert "Traceback" not in log

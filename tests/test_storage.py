@@ -588,3 +588,17 @@ def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alon
         assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 2
     ingest(runtime, [event(3)])
     assert committer(runtime)._conn.connection.dbapi_connection is writer
+
+
+def test_a_connection_lost_mid_transaction_raises_the_drivers_error(pg_runtime):
+    """Not SQLAlchemy's "Can't reconnect until invalid transaction is rolled back", which hid
+    the outage from the callers that answer 503 or wait for the database."""
+    engine = pg_runtime.engine
+    lost = pytest.raises(OperationalError, match="terminat")
+    with lost, storage.transaction(engine.begin) as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        conn.execute(text("SELECT 1"))
+    with engine.connect() as conn:  # the pool replaced the dead connection
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1

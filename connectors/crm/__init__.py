@@ -28,6 +28,7 @@ from txsms.core.phones import PhoneError, normalize
 from txsms.core.redact import redact_phone
 from txsms.core.runtime import Runtime
 from txsms.core.scheduler import Job
+from txsms.core.storage import log_failure
 from txsms.core.templates import TemplateSet, build_context
 
 from .http import HttpSource
@@ -147,7 +148,7 @@ def _loop(poller: Poller, since: datetime | None, stop: threading.Event) -> None
         try:
             _run(poller, since)
         except Exception:
-            log.exception("crm %s: poll failed; next try in %ss", poller.name, interval)
+            log_failure(log, "crm %s: poll failed; next try in %ss", poller.name, interval)
         since = None
         stop.wait(max(0.0, interval - (time.monotonic() - began)))
 

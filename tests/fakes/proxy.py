@@ -30,16 +30,18 @@ class TcpProxy:
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self.port = listener.getsockname()[1]
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
         """Refuse new connections and close the open ones, as a database that went away."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
         with self._lock:
+            listener, self._listener = self._listener, None
             sockets, self._open = self._open, set()
+        if listener is not None:
+            _shut(listener)  # wakes the accept() under way: a close alone would not stop it
+            listener.close()
         for s in sockets:
             _shut(s)
             s.close()
@@ -56,6 +58,10 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut while this one connected
+                    client.close()
+                    server.close()
+                    return
                 self._open |= {client, server}
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
