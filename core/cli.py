@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent as consent_mod
 from txsms.core import privacy, storage
@@ -28,7 +29,19 @@ from txsms.core.scheduler import Job, Scheduler
 log = logging.getLogger("txsms")
 
 
-@click.group()
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        # A database that cannot be reached (down, a wrong host or port, a SQLite file in a
+        # missing directory) stops any command with one line, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"storage.url: the database is unavailable ({storage.unavailable(exc)})"
+            ) from None
+
+
+@click.group(cls=_Commands)
 @click.option("--log-level", default="INFO", envvar="TXSMS_LOG_LEVEL", show_default=True)
 def cli(log_level: str) -> None:
     """Self-hosted transactional SMS for online stores and CRMs."""

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,6 +130,28 @@ def count(engine, table, **where) -> int:
 
 
 # --- db upgrade
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("sqlite:///{tmp}/no/such/dir/txsms.db", "unable to open database file"),
+        ("postgresql+psycopg://postgres@127.0.0.1:{port}/test", "Connection refused"),
+    ],
+    ids=["sqlite-missing-directory", "postgresql-nothing-listening"],
+)
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("messages",), ("worker",)])
+def test_an_unreachable_database_stops_a_command_with_one_line(tmp_path, url, reason, command):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runner = Txsms(tmp_path, url.format(tmp=tmp_path, port=port))
+    result = runner(*command, code=1)
+    assert result.stderr.splitlines()[-1].startswith(
+        "Error: storage.url: the database is unavailable (OperationalError: "
+    )
+    assert reason in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_db_upgrade_on_an_empty_database_prints_the_head_revision(tmp_path, database_url):
