@@ -609,8 +609,9 @@ def unavailable(exc: OperationalError) -> str:
     """A database that is down, unreachable or locked, in one line for the log: the driver's
     error class and the first line of its message, without the statement or its values (an
     outage would otherwise log a traceback for every request and every poll)."""
-    lines = str(exc.orig).strip().splitlines()
-    return f"{type(exc.orig).__name__}: {lines[0][:200] if lines else ''}"
+    cause = exc.orig if exc.orig is not None else exc  # raised by SQLAlchemy itself: its own
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def log_failure(logger: logging.Logger, msg: str, *args: object) -> None:
