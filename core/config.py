@@ -55,7 +55,7 @@ class SecurityConfig:
     keys: tuple[str, ...] = ()  # Fernet keys, newest first; empty: a development key is generated
     index_key: str | None = None  # blind-index key; default: derived from the oldest key
     api_tokens: tuple[str, ...] = ()
-    retention_days: int = 30  # message bodies are purged this long after the final status
+    retention_days: int = 30  # bodies, event payloads, delivery ids then go (core/retention.py)
 
 
 @dataclass(frozen=True)

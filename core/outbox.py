@@ -167,13 +167,3 @@ def sweep_interrupted(conn: Connection) -> int:
         )
         .values(status="unknown", reason="interrupted", in_flight=False, updated_at=now)
     ).rowcount
-
-
-def purge_bodies(conn: Connection, retention_days: int) -> int:
-    """Drop message bodies past the retention period; the decision record stays."""
-    cutoff = time.time() - retention_days * 86400
-    return conn.execute(
-        messages.update()
-        .where(messages.c.finished_at < cutoff, messages.c.body_enc.is_not(None))
-        .values(body_enc=None)
-    ).rowcount

@@ -16,7 +16,7 @@ from functools import partial
 
 from sqlalchemy import Row, bindparam, select
 
-from txsms.core import consent, outbox
+from txsms.core import consent, outbox, retention
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
 from txsms.core.notify import PgListener
 from txsms.core.pipeline import source_disabled
@@ -348,14 +348,15 @@ class Worker:
 
     def maintain(self, *, force: bool = False) -> None:
         """Housekeeping: interrupted claims become unknown, unknowns are settled where the
-        provider can be asked, expired bodies are purged. Runs every few seconds."""
+        provider can be asked, what is past the retention period goes. Runs every few seconds."""
         now = time.monotonic()
         if not force and now - self._last_maintenance < min(MAINTENANCE_SECONDS, self.lease):
             return
         self._last_maintenance = now
         with self.runtime.engine.begin() as conn:
             interrupted = outbox.sweep_interrupted(conn)
-            outbox.purge_bodies(conn, self.runtime.config.security.retention_days)
+            purged = retention.purge(conn, self.runtime.config.security.retention_days)
+            note(conn, log, logging.DEBUG, "past the retention period, dropped: %s", purged)
         apply_early_receipts(self.runtime, self.provider)
         if self.provider.can_lookup:
             self._settle_unknown()

@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 from conftest import twilio_section
-from fakes import deadlock, statements_run, wait_until
+from fakes import deadlock, query_plan, statements_run, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
@@ -225,15 +225,9 @@ def test_a_claim_takes_over_first_then_reads_the_queue_off_its_index_oldest_firs
         ).scalars()
         assert {r.id for r in rows} == {newest, *due}
         [(sql, params)] = [(q, p) for q, p in statements if "IN ('pending', 'deferred')" in q]
-        if runtime.engine.dialect.name == "sqlite":
-            plan = " ".join(
-                r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
-            )
-            assert "ix_messages_due" in plan and "TEMP B-TREE" not in plan, plan
-        else:
-            conn.exec_driver_sql("SET enable_seqscan = off")  # a dozen rows: judge the index
-            plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
-            assert "ix_messages_due" in plan and "Sort" not in plan, plan
+        plan = query_plan(conn, sql, params)
+        assert "ix_messages_due" in plan, plan
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan  # SQLite, PostgreSQL
 
 
 def test_scheduled_message_waits_for_send_at(runtime_factory, fake_twilio):

@@ -50,6 +50,15 @@ def statements_run(engine: Engine) -> Iterator[list[tuple[str, object]]]:
         sqlalchemy_event.remove(engine, "before_cursor_execute", record)
 
 
+def query_plan(conn, sql: str, params) -> str:
+    """How the database would run `sql` (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL,
+    with sequential scans off there: a test's few rows are not what an index is judged by)."""
+    if conn.dialect.name == "sqlite":
+        return " ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+    conn.exec_driver_sql("SET enable_seqscan = off")
+    return " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
+
+
 class _DeadlockDetected(Exception):
     sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
 
