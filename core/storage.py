@@ -140,8 +140,13 @@ messages = Table(
         "provider_message_id",
         **_where("provider_message_id IS NOT NULL"),
     ),
-    # The bodies still kept, by when their message finished (`retention.purge`).
-    Index("ix_messages_body_kept", "finished_at", **_where("body_enc IS NOT NULL")),
+    # The bodies still kept of finished messages, by when they finished (`retention.purge`);
+    # a message enters it when it finishes, not when it is queued.
+    Index(
+        "ix_messages_body_kept",
+        "finished_at",
+        **_where("body_enc IS NOT NULL AND finished_at IS NOT NULL"),
+    ),
 )
 
 recipients = Table(

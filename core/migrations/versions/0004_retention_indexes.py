@@ -7,9 +7,10 @@ Create Date: 2026-11-29 19:20:00
 The worker's housekeeping runs every few seconds. Purging the bodies past the retention period
 read every message ever sent (50 ms with 200,000 messages, holding SQLite's write lock), and
 looking for early receipts read every receipt ever received. Each now reads a partial index of
-just the rows it is after: the bodies and event payloads still kept, the receipts not yet
-applied. The index of the provider's message ids leaves out the messages not yet sent, which
-have none: one B-tree fewer to write for every message queued.
+just the rows it is after: the bodies still kept of finished messages, the event payloads
+still kept, the receipts not yet applied. The index of the provider's message ids leaves out
+the messages not yet sent, which have none: a queued message is written to as many B-trees
+as before, an event to one more.
 """
 
 import sqlalchemy as sa
@@ -34,7 +35,10 @@ def upgrade() -> None:
         **_where("provider_message_id IS NOT NULL"),
     )
     op.create_index(
-        "ix_messages_body_kept", "messages", ["finished_at"], **_where("body_enc IS NOT NULL")
+        "ix_messages_body_kept",
+        "messages",
+        ["finished_at"],
+        **_where("body_enc IS NOT NULL AND finished_at IS NOT NULL"),
     )
     op.create_index(
         "ix_events_payload_kept", "events", ["received_at"], **_where("payload_enc IS NOT NULL")
