@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy import func, select
 
 from txsms.core import consent
 from txsms.core.events import Consent, Event, Recipient
-from txsms.core.pipeline import ingest
+from txsms.core.pipeline import ingest, new_id
 from txsms.core.storage import events, messages
 
 PHONE = "+1 415 555 0100"  # America/Los_Angeles
@@ -494,3 +495,19 @@ def test_postgresql_settles_on_one_plan_for_plain_look_ups_and_plans_each_list(p
     plain, lists = by_kind[False], by_kind[True]
     assert plain.generic_plans > 0 and plain.custom_plans <= 5  # compared, then one for good
     assert lists.generic_plans == 0 and lists.custom_plans > 5  # every call planned anew
+
+
+def test_row_ids_are_uuid7_and_sort_in_the_order_they_were_made(runtime):
+    """Time-ordered keys: events and messages grow at one end of their primary-key index."""
+    before = time.time_ns() // 1_000_000
+    made = [new_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(made)) == len(made)
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert (parsed.version, parsed.variant, parsed.hex) == (7, uuid.RFC_4122, value)
+    stamps = [int(value[:12], 16) for value in made]  # the milliseconds each was made in
+    assert stamps == sorted(stamps) and before <= stamps[0] <= stamps[-1] <= after
+    [result] = ingest(runtime, [order()])
+    assert uuid.UUID(result.id).version == uuid.UUID(result.messages[0].id).version == 7
+    assert int(result.id[:12], 16) >= stamps[-1]  # made later: its time is not earlier
