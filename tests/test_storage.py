@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -574,9 +575,14 @@ def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alon
         finally:
             os._exit(code)
     os.close(write)
+    try:  # a child that hangs (a lock the fork left held) fails the test, not the whole run
+        _, status = wait_until(lambda: (ended := os.waitpid(pid, os.WNOHANG))[0] and ended, 60)
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     with os.fdopen(read, "rb") as pipe:
         report = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, report
     assert report == "accepted shared=0"
     # The parent's connection is still its own and alive: the child neither used nor ended it.
