@@ -4,7 +4,6 @@ WAL with the configured durability, and insert_ignore tells an insert from a con
 from __future__ import annotations
 
 import fcntl
-import gc
 import os
 import signal
 import sqlite3
@@ -567,7 +566,6 @@ def test_a_forked_child_opens_connections_of_its_own_and_leaves_the_parents_alon
                 id(parent_reader),
                 id(writer),
             }
-            gc.collect()  # whatever the child dropped of the parent's is finalised now
             os.write(write, f"{result.status} shared={len(used)}".encode())
             code = 0
         except BaseException as exc:

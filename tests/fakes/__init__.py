@@ -52,10 +52,11 @@ def statements_run(engine: Engine) -> Iterator[list[tuple[str, object]]]:
 
 def query_plan(conn, sql: str, params) -> str:
     """How the database would run `sql` (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL,
-    with sequential scans off there: a test's few rows are not what an index is judged by)."""
+    with sequential scans off there: a test's few rows are not what an index is judged by).
+    Off for `conn`'s transaction only, not for the pooled connection's later users."""
     if conn.dialect.name == "sqlite":
         return " ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
-    conn.exec_driver_sql("SET enable_seqscan = off")
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     return " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
 
 
