@@ -76,27 +76,31 @@ class Runtime:
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
         """Relaxed (see `relaxed`), for work that is a single statement: on PostgreSQL it
-        commits by itself, one round trip where BEGIN, the statement and COMMIT take three.
-        SQLite has no such saving: there it is a relaxed transaction."""
-        engine = self._relaxed_engine
-        if storage.is_sqlite(engine):
-            with engine.begin() as conn:
+        commits by itself, one round trip where BEGIN, the statement and COMMIT take three,
+        on one connection the process keeps for it (its users, the rate limiters, take a
+        slot at a time). SQLite has no such saving: there it is a relaxed transaction."""
+        if storage.is_sqlite(self._relaxed_engine):
+            with self._relaxed_engine.begin() as conn:
                 yield conn
             return
-        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        with self._autocommitter.connection() as conn:
             yield conn
+
+    @cached_property
+    def _autocommitter(self) -> storage.KeptConnections:
+        return storage.KeptConnections(self._relaxed_engine, storage.autocommitter, shared=True)
 
     @cached_property
     def committer(self) -> GroupCommitter:
         return GroupCommitter(self.engine)
 
     @cached_property
-    def readers(self) -> storage.Readers:
+    def readers(self) -> storage.KeptConnections:
         """Connections for reads outside a write transaction, one per thread."""
-        return storage.Readers(self.engine)
+        return storage.KeptConnections(self.engine)
 
     def close(self) -> None:
-        for name in ("committer", "_ingest_committer", "readers"):
+        for name in ("committer", "_ingest_committer", "readers", "_autocommitter"):
             if name in self.__dict__:
                 self.__dict__[name].close()
         if "_relaxed_engine" in self.__dict__:

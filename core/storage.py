@@ -15,9 +15,10 @@ import sqlite3
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -581,40 +582,61 @@ def reader(engine: Engine) -> Connection:
     is a mistake."""
     if is_sqlite(engine):
         return engine.connect().execution_options(**{_READER: True})
+    return autocommitter(engine)
+
+
+def autocommitter(engine: Engine) -> Connection:
+    """A PostgreSQL connection on which every statement commits by itself: one round trip for
+    a single-statement write, where BEGIN, the statement and COMMIT take three."""
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-class Readers:
-    """A `reader` connection per thread, kept between uses: no pool check-out (and, on
-    PostgreSQL, no liveness ping) per request."""
+class KeptConnections:
+    """Connections (by default `reader`s) kept between uses: no pool check-out and, on
+    PostgreSQL, no liveness ping per use. That check-out and ping cost a single-row statement
+    three times its own time. One connection per thread; `shared`: one for the process,
+    used by one thread at a time."""
 
-    def __init__(self, engine: Engine):
+    def __init__(
+        self,
+        engine: Engine,
+        opener: Callable[[Engine], Connection] = reader,
+        *,
+        shared: bool = False,
+    ):
         self.engine = engine
-        self._local = threading.local()
+        self.opener = opener
+        self.shared = shared
+        self._start()
+        forgets_after_fork(self)
+
+    def _start(self) -> None:
+        self._local: Any = types.SimpleNamespace() if self.shared else threading.local()
+        self._turn: AbstractContextManager = threading.Lock() if self.shared else nullcontext()
         self._lock = threading.Lock()
         self._made: list[Connection] = []
-        forgets_after_fork(self)
 
     def forget_inherited(self) -> None:
         inherited(self._local, self._made)
-        self._local, self._lock, self._made = threading.local(), threading.Lock(), []
+        self._start()
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = reader(self.engine)
-            with self._lock:
-                self._made.append(conn)
-        try:
-            yield conn
-        except DBAPIError:  # perhaps a dead connection: the next use starts a fresh one
-            self._local.conn = None
-            with self._lock:
-                self._made.remove(conn)
-            conn.invalidate()
-            conn.close()
-            raise
+        with self._turn:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.opener(self.engine)
+                with self._lock:
+                    self._made.append(conn)
+            try:
+                yield conn
+            except DBAPIError:  # perhaps a dead connection: the next use starts a fresh one
+                self._local.conn = None
+                with self._lock:
+                    self._made.remove(conn)
+                conn.invalidate()
+                conn.close()
+                raise
 
     def release(self) -> None:
         """Give this thread's connection back to the pool (it has stopped reading here)."""

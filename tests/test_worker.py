@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import pairwise
 
@@ -11,7 +12,9 @@ from conftest import twilio_section
 from fakes import deadlock, query_plan, statements_run, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
 
 from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
@@ -507,6 +510,38 @@ def test_autocommit_is_relaxed_and_commits_each_statement_on_postgresql(runtime)
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     with runtime.engine.connect() as other:
         assert other.execute(count).scalar() == 1
+
+
+def test_the_rate_limiters_connection_is_kept_between_slots_and_replaced_when_lost(pg_runtime):
+    """On PostgreSQL a slot is one statement on a connection the process keeps: a check-out
+    and its liveness ping cost three times the statement. Threads take turns on it; a lost
+    connection fails one take (the caller carries on, as after any database error) and the
+    next one opens a new connection."""
+    checkouts: list[object] = []
+    sqlalchemy_event.listen(
+        pg_runtime._relaxed_engine, "checkout", lambda *args: checkouts.append(args[0])
+    )
+    limiter = RateLimiter(pg_runtime.autocommit, "kept-test", 5)  # a slot per round trip
+    for _ in range(3):
+        assert limiter._take() is not None
+        limiter._slots.clear()
+        with pg_runtime.autocommit() as conn:  # the next slot is due: make it due now
+            conn.execute(rate_limits.update().values(next_at=0.0))
+    with ThreadPoolExecutor(4) as pool:  # four threads at once: still the one connection
+        pids = set(pool.map(lambda _: backend_pid(pg_runtime), range(40)))
+    assert len(pids) == 1 and len(checkouts) == 1
+
+    with pg_runtime.engine.connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pids.pop()})
+    with pytest.raises(OperationalError):
+        limiter._take()
+    assert limiter._take() is not None  # on a new connection
+    assert len(checkouts) == 2
+
+
+def backend_pid(runtime) -> int:
+    with runtime.autocommit() as conn:
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
 def test_results_handed_to_a_claim_ahead_that_fails_are_recorded_by_the_next_commit(
