@@ -23,7 +23,7 @@ from txsms.core.errors import ConfigError, TemplateError
 from txsms.core.events import CATEGORIES, EVENT_KINDS, Event, Recipient
 from txsms.core.logs import setup_logging
 from txsms.core.redact import redact_phone
-from txsms.core.runtime import Runtime
+from txsms.core.runtime import Runtime, database_unavailable
 from txsms.core.scheduler import Job, Scheduler
 
 log = logging.getLogger("txsms")
@@ -36,9 +36,7 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except OperationalError as exc:
-            raise click.ClickException(
-                f"storage.url: the database is unavailable ({storage.unavailable(exc)})"
-            ) from None
+            raise click.ClickException(database_unavailable(exc)) from None
 
 
 @click.group(cls=_Commands)

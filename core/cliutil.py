@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 import click
 
 from txsms.core.config import Config, load_config
-from txsms.core.errors import ConfigError, TemplateError
+from txsms.core.errors import ConfigError
 from txsms.core.phones import PhoneError, normalize
 from txsms.core.redact import redact_phone
-from txsms.core.runtime import Runtime
+from txsms.core.runtime import Runtime, StartupError, start
 
 config_option = click.option(
     "--config",
@@ -29,13 +29,10 @@ def load(config_path: str | None) -> Config:
 
 
 def open_runtime(config_path: str | None, *, migrate: bool | None = None) -> Runtime:
-    config = load(config_path)
     try:
-        runtime = Runtime(config)
-    except TemplateError as exc:
-        raise click.ClickException(f"{config.path}: {exc}") from None
-    runtime.prepare_database(migrate=migrate)
-    return runtime
+        return start(config_path, migrate=migrate)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def parse_phone(runtime: Runtime, raw: str):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from txsms.core import storage
-from txsms.core.config import Config
+from txsms.core.config import Config, load_config
 from txsms.core.crypto import Vault
+from txsms.core.errors import ConfigError, TemplateError
 from txsms.core.groupcommit import GroupCommitter
 from txsms.core.templates import TemplateSet
 
@@ -106,3 +109,32 @@ class Runtime:
         if "_relaxed_engine" in self.__dict__:
             self._relaxed_engine.dispose()
         self.engine.dispose()
+
+
+class StartupError(Exception):
+    """Why a process cannot start, in one line: the file, the key and what is wrong."""
+
+
+def start(config: Config | str | os.PathLike | None = None, *, migrate: bool | None = None):
+    """The runtime of a process that is starting: the config loaded (a path, or
+    `$TXSMS_CONFIG`), every template compiled, the database reached and checked. What stops
+    it is a StartupError, never a traceback: a bad file, key or template, or a database that
+    cannot be reached."""
+    try:
+        if not isinstance(config, Config):
+            config = load_config(config)
+        runtime = Runtime(config)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    except TemplateError as exc:
+        raise StartupError(f"{config.path}: {exc}") from None
+    try:
+        runtime.prepare_database(migrate=migrate)
+    except OperationalError as exc:
+        runtime.close()
+        raise StartupError(database_unavailable(exc)) from None
+    return runtime
+
+
+def database_unavailable(exc: OperationalError) -> str:
+    return f"storage.url: the database is unavailable ({storage.unavailable(exc)})"

@@ -354,3 +354,44 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path, section, values, expe
     assert len(lines) == 1, done.stderr
     assert "bad.toml" in lines[0] and expected in lines[0]
     assert not (tmp_path / "txsms.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("preload", "section", "values", "expected"),
+    [
+        (False, "provider", {"kind": "twilo"}, "bad.toml: provider.kind: unknown provider kind"),
+        (True, "provider", {"kind": "twilo"}, "bad.toml: provider.kind: unknown provider kind"),
+        (True, 'templates."order.paid"', {"body": "{% if %}"}, "bad.toml: templates.order.paid"),
+        (
+            False,
+            "storage",
+            {"url": "sqlite:////nonexistent-dir/txsms.db"},
+            "storage.url: the database is unavailable (OperationalError",
+        ),
+    ],
+)
+def test_gunicorn_stops_on_a_bad_config_or_database_with_one_line(
+    tmp_path, preload, section, values, expected
+):
+    """The README's `gunicorn 'txsms.webhooks:create_app()'`: the line the commands print,
+    not a traceback per worker; and gunicorn stops (its status for an app that cannot load)
+    instead of starting new workers that fail the same way."""
+    config = base_config(tmp_path)
+    config[section] = {**config.get(section, {}), **values}
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml(config))
+    command = [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "--no-control-socket"]
+    command += ["-b", f"127.0.0.1:{free_port()}", *(["--preload"] if preload else [])]
+    done = subprocess.run(
+        [*command, "txsms.webhooks:create_app()"],
+        cwd=tmp_path,
+        env={**os.environ, "TXSMS_CONFIG": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors and all(expected in line for line in errors), done.stderr
+    assert len(errors) <= 2  # one per worker at most; with --preload the master's only

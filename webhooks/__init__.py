@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from flask import Flask, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from txsms.core.config import Config, load_config
+from txsms.core.config import Config
 from txsms.core.metrics import WEBHOOKS
-from txsms.core.runtime import Runtime
+from txsms.core.runtime import Runtime, StartupError, start
 from txsms.core.storage import unavailable
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,10 @@ RETRY_AFTER_SECONDS = 5
 def create_app(
     config: Config | str | os.PathLike | None = None, *, runtime: Runtime | None = None
 ) -> Flask:
-    if runtime is None:
-        if not isinstance(config, Config):
-            config = load_config(config)
-        runtime = Runtime(config)
-        runtime.prepare_database()
+    if runtime is None and config is None:
+        runtime = _runtime_for_server()
+    elif runtime is None:
+        runtime = start(config)
     # Paths are explicit: "txsms" is a namespace package, which Flask cannot locate.
     app = Flask(
         __name__,
@@ -78,3 +78,19 @@ def create_app(
         return response
 
     return app
+
+
+#: gunicorn's exit status for an app that cannot load: its master stops ("App failed to
+#: load") instead of starting new workers that fail the same way.
+APP_LOAD_ERROR = 4
+
+
+def _runtime_for_server() -> Runtime:
+    """The WSGI entry point's runtime (`$TXSMS_CONFIG`). What stops it is one line on stderr
+    and exit status 4, not a traceback per worker: gunicorn then prints "App failed to load",
+    or the line itself with `--preload`."""
+    try:
+        return start()
+    except StartupError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(APP_LOAD_ERROR) from None
