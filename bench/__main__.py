@@ -54,7 +54,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=5,
-        help="gunicorn: the measured seconds in this many slices, bare route and txsms in turns",
+        help="gunicorn and send: the measured seconds (messages) in this many slices, the bare "
+        "baseline and txsms in turns",
     )
     p.add_argument(
         "--only",
@@ -180,29 +181,34 @@ def _load_cols(r) -> tuple:
 
 
 def run_send(args, tmp: Path, kinds: list[str], fake: str) -> list[tuple]:
+    """One worker against the bare loop, in turns: `args.rounds` slices of the messages, each
+    sent first by the bare loop, then by the worker. Over the seconds a run takes the
+    machine's speed drifts by more than the differences measured here (one bare run measured
+    370 and the next 519 msg/s), and in turns both see the same drift."""
     rows = []
+    slice_ = max(1, args.messages // args.rounds)
     for kind in kinds:
         for concurrency in (1, 4):
+            base, r = Timed(), Timed()
             with database(kind, tmp) as url:
                 rt = send.runtime(url, fake, tmp)
                 try:
-                    send.fill(rt, args.messages)
-                    # Each run beside its own baseline, measured just before: over the minutes
-                    # between the first and the last run the machine's speed drifts by more
-                    # than the differences measured here.
-                    say(f"send: bare requests.Session loop, {args.messages} messages")
+                    say(f"send: bare loop and Worker(concurrency={concurrency}) on {kind}")
                     load_ = loadavg()
-                    base = _timed(send.bare, fake, send.forms(rt))
-                    name = "bare `requests.Session` loop (just before)"
-                    rows.append((name, "-", *_send_cols(base), load_, "baseline", ""))
-                    say(f"send: Worker(concurrency={concurrency}) on {kind}")
-                    load_ = loadavg()
-                    r = _timed(send.worker, rt, concurrency, args.messages)
+                    with send.Sender(rt, concurrency) as sender:
+                        for n in range(args.rounds):
+                            send.fill(rt, slice_, start=n * slice_, held=True)
+                            base.add(send.bare, fake, send.forms(rt))
+                            r.add(sender.run, slice_)
                 finally:
                     rt.close()
-            ratio = r[0].rate / base[0].rate
+            ratio = r.result.rate / base.result.rate
+            name = (
+                f"bare `requests.Session` loop (in turns with the row below, {args.rounds} slices)"
+            )
+            rows.append((name, "-", *_send_cols(base), load_, "baseline", ""))
             if concurrency == 1:
-                met = ratio >= SEND_RATIO and r[0].errors == 0
+                met = ratio >= SEND_RATIO and r.result.errors == 0
                 limit = (f">= {SEND_RATIO} x bare", "yes" if met else "no")
             else:
                 limit = ("(no target)", "")
@@ -211,19 +217,27 @@ def run_send(args, tmp: Path, kinds: list[str], fake: str) -> list[tuple]:
     return rows
 
 
-def _timed(fn, *args):
-    """`fn(*args)` and the cores this process kept busy meanwhile."""
-    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    result = fn(*args)
-    usage1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    cpu = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
-    return result, cpu / (wall1 - wall0)
+class Timed:
+    """Runs of one kind added up: their messages, their time, and the cores this process
+    kept busy meanwhile."""
+
+    def __init__(self) -> None:
+        self.result: send.Result | None = None
+        self.cpu = self.wall = 0.0
+
+    def add(self, fn, *args) -> None:
+        usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        result = fn(*args)
+        usage1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        self.cpu += usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
+        self.wall += wall1 - wall0
+        self.result = result if self.result is None else self.result + result
 
 
-def _send_cols(timed, ratio: float | None = None) -> tuple:
-    r, cpu = timed
+def _send_cols(timed: Timed, ratio: float | None = None) -> tuple:
+    r = timed.result
     result = f"{r.rate:,.0f} msg/s" + (f" = {ratio:.2f} x bare" if ratio is not None else "")
-    return result, "-", "-", str(r.errors), f"{cpu:.2f}"
+    return result, "-", "-", str(r.errors), f"{timed.cpu / timed.wall:.2f}"
 
 
 # -- ingest through gunicorn, and the naive receiver ---------------------------------------------
@@ -453,11 +467,13 @@ How to read it:
   event stored, and the worker must have sent some of the messages (at the default
   `provider.rate_per_second`). CPU: server process + load generator.
 - **memory**: `VmHWM` of that `txsms serve` process, read from `/proc` at the end of the load.
-- **send, in-process Worker**: {a.messages} messages queued through
-  `txsms.core.pipeline.ingest`, then a `Worker` (`rate_per_second` 100000) sends them to the
-  fake Twilio in its own process; the rate runs until the last message is recorded. The
-  baseline, measured just before each run, POSTs the same form bodies from one
-  `requests.Session` loop to the same fake. CPU: the sending process.
+- **send, in-process Worker**: {a.messages} messages in {a.rounds} slices, in turns: a
+  slice is queued through `txsms.core.pipeline.ingest` and held (not measured), its form
+  bodies are POSTed from one `requests.Session` loop to the fake Twilio in its own process
+  (the baseline), then the slice is released to a `Worker` (`rate_per_second` 100000) that
+  runs through all slices, idle in between, and sends them to the same fake, timed from the
+  release until its last message is recorded. Each side's rate is its messages over its
+  time, summed over the slices. CPU: the sending process.
 - **ingest Shopify orders/create, gunicorn**: the same load, each request a distinct order
   made from Shopify's own example (`shared/fixtures/shopify/orders_create.json`: new `id`,
   `name`, `order_number` and `phone`, re-serialised and signed like Shopify, with its own

@@ -8,9 +8,9 @@ provider and not by this machine's two cores, which the fake and PostgreSQL shar
 workers: with an instant fake one worker already keeps the machine busy, and a second cannot
 show whether workers get in each other's way (claims, the shared rate row, NOTIFY).
 
-The messages are queued through the real pipeline and held (`send_at` far ahead) while the
-workers start; one UPDATE (and NOTIFY) releases them all, and the rate runs from that moment to
-the last recorded result.
+The messages are queued through the real pipeline and held (scheduled a year ahead) while the
+workers start; one UPDATE (and NOTIFY) releases them all (`send.release`), and the rate runs
+from that moment to the last recorded result.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from bench import send
 from bench.common import TXSMS, cpu_seconds, database, security_section, start, stop, toml, wait_log
 from bench.fake_provider import provider_section
 
-HELD = 1e12  # a send_at no claim reaches: queued, not yet released
 DELAY = 0.02  # seconds the fake takes to answer (a real provider takes 100-300 ms)
 THREADS = 2  # txsms worker --concurrency, and the bare loops beside it
 POLL = 0.1  # worker.poll_seconds: the fallback should LISTEN not be connected yet
@@ -45,9 +44,8 @@ def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
     with database("postgresql", tmp) as url:
         rt = send.runtime(url, fake_url, tmp)
         try:
-            send.fill(rt, args.messages)
+            send.fill(rt, args.messages, held=True)
             bare = send.bare(fake_url, send.forms(rt), threads=THREADS)
-            _hold(rt)
             return _workers(rt, url, fake_url, tmp, processes, args.messages, bare)
         finally:
             rt.close()
@@ -79,14 +77,7 @@ def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
         for proc, log in procs:
             wait_log(log, "running with", proc)
         cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
-        with rt.engine.begin() as conn:
-            started = time.time()
-            # Setting the status (unchanged) fires the NOTIFY trigger that wakes the workers.
-            conn.execute(
-                messages.update()
-                .where(messages.c.send_at == HELD)
-                .values(send_at=started, status="pending")
-            )
+        started = send.release(rt)
         deadline = time.monotonic() + 300
         while send.count_status(rt.engine, "pending", "sending") and time.monotonic() < deadline:
             time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`
@@ -96,10 +87,3 @@ def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
         last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
     sent = send.count_status(rt.engine, "sent")
     return Result(sent / (last - started), count - sent, cpu, bare)
-
-
-def _hold(rt) -> None:
-    from txsms.core.storage import messages
-
-    with rt.engine.begin() as conn:
-        conn.execute(messages.update().where(messages.c.status == "pending").values(send_at=HELD))

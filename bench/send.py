@@ -18,12 +18,24 @@ from bench.fake_provider import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, provider_s
 from bench.ingest import PHONES
 
 BATCH = 100
+HELD_FOR = 365 * 86400.0  # seconds ahead that held messages are scheduled
 
 
 @dataclass(frozen=True)
 class Result:
-    rate: float  # messages/s
+    count: int  # messages accepted by the fake
+    seconds: float
     errors: int  # messages not accepted by the fake
+
+    @property
+    def rate(self) -> float:  # messages/s
+        return self.count / self.seconds
+
+    def __add__(self, other: Result) -> Result:
+        """Two runs as one: their messages over their time."""
+        return Result(
+            self.count + other.count, self.seconds + other.seconds, self.errors + other.errors
+        )
 
 
 def runtime(db_url: str, fake_url: str, tmp: Path):
@@ -42,12 +54,16 @@ def runtime(db_url: str, fake_url: str, tmp: Path):
     return Runtime(config)
 
 
-def fill(rt, count: int) -> None:
-    """Queue `count` order messages through the real ingest pipeline."""
+def fill(rt, count: int, start: int = 0, *, held: bool = False) -> None:
+    """Queue `count` order messages (orders `start`, `start` + 1, …) through the real ingest
+    pipeline; `held`: scheduled a year ahead, so a running worker leaves them until
+    `release`. There must be no other pending (or held) messages."""
     from txsms.core.events import Event, Recipient
     from txsms.core.pipeline import ingest
 
-    for first in range(0, count, BATCH):
+    end = start + count
+    send_at = time.time() + HELD_FOR if held else None
+    for first in range(start, end, BATCH):
         batch = [
             Event(
                 source="api",
@@ -55,20 +71,37 @@ def fill(rt, count: int) -> None:
                 key=f"order:{n}:created",
                 recipient=Recipient(phone=PHONES[n % len(PHONES)], name="Ada"),
                 data={"order": {"number": f"#{n}", "total": "$25.00"}},
+                send_at=send_at,
             )
-            for n in range(first, min(count, first + BATCH))
+            for n in range(first, min(end, first + BATCH))
         ]
         ingest(rt, batch)
-    if (pending := count_status(rt.engine, "pending")) != count:
-        raise RuntimeError(f"expected {count} pending messages, got {pending}")
+
+
+def release(rt) -> float:
+    """Make the held messages due now and wake the workers; the time they were released."""
+    from txsms.core.storage import messages
+
+    with rt.engine.begin() as conn:
+        released = time.time()
+        # Setting the status fires the NOTIFY trigger that wakes workers in other processes.
+        conn.execute(
+            messages.update()
+            .where(messages.c.status == "deferred")
+            .values(send_at=released, status="pending")
+        )
+    rt.wakeup.notify()  # and those of this process
+    return released
 
 
 def forms(rt) -> list[dict[str, str]]:
-    """The form bodies the worker will send (minus the one-time footer)."""
+    """The form bodies the worker will send (minus the one-time footer): those waiting."""
     from txsms.core.storage import messages
 
+    waiting = messages.c.status.in_(("pending", "deferred"))
+    query = select(messages.c.to_enc, messages.c.body_enc).where(waiting)
     with rt.engine.connect() as conn:
-        rows = conn.execute(select(messages.c.to_enc, messages.c.body_enc)).all()
+        rows = conn.execute(query).all()
     return [
         {
             "To": rt.vault.decrypt(r.to_enc),
@@ -96,33 +129,46 @@ def bare(fake_url: str, bodies: list[dict[str, str]], threads: int = 1) -> Resul
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(loop, range(threads)))
     elapsed = time.perf_counter() - started
-    return Result(len(bodies) / elapsed, sum(errors))
+    return Result(len(bodies) - sum(errors), elapsed, sum(errors))
 
 
-def worker(rt, concurrency: int, count: int, timeout: float = 300.0) -> Result:
-    """Start a Worker on `count` pending messages; the time until the last one was recorded."""
-    from sqlalchemy import create_engine
+class Sender:
+    """A Worker running in this process (`with Sender(rt, concurrency) as sender:`), idle
+    until `sender.run` releases the held messages."""
 
-    from txsms.core.storage import messages
-    from txsms.core.worker import Worker
+    def __init__(self, rt, concurrency: int):
+        from sqlalchemy import create_engine
 
-    # A plain engine to watch progress: the runtime's SQLite engine takes the write lock on
-    # every transaction (BEGIN IMMEDIATE), and the watcher must not compete with the worker.
-    watcher = create_engine(rt.engine.url)
-    w = Worker(rt, concurrency=concurrency)
-    started = time.time()
-    w.start()
-    try:
+        from txsms.core.worker import Worker
+
+        self.rt = rt
+        self.worker = Worker(rt, concurrency=concurrency)
+        # A plain engine to watch progress: the runtime's SQLite engine takes the write lock
+        # on every transaction (BEGIN IMMEDIATE), and the watcher must not compete with the
+        # worker.
+        self.watcher = create_engine(rt.engine.url)
+
+    def __enter__(self) -> Sender:
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+        self.watcher.dispose()
+
+    def run(self, count: int, timeout: float = 300.0) -> Result:
+        """Release the `count` held messages; the time until the last one was recorded."""
+        from txsms.core.storage import messages
+
+        already = count_status(self.watcher, "sent")  # by the runs before
+        started = release(self.rt)
         deadline = time.monotonic() + timeout
-        while count_status(watcher, "pending", "sending") and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`
-    finally:
-        w.stop()
-    with watcher.connect() as conn:
-        last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
-    sent = count_status(watcher, "sent")
-    watcher.dispose()
-    return Result(sent / (last - started), count - sent)
+        while count_status(self.watcher, "pending", "sending") and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the end; the rate is taken from `finished_at`
+        with self.watcher.connect() as conn:
+            last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
+        sent = count_status(self.watcher, "sent") - already
+        return Result(sent, last - started, count - sent)
 
 
 def count_status(engine, *statuses: str) -> int:
