@@ -374,13 +374,16 @@ def test_gunicorn_stops_on_a_bad_config_or_database_with_one_line(
     tmp_path, preload, section, values, expected
 ):
     """The README's `gunicorn 'txsms.webhooks:create_app()'`: the line the commands print,
-    not a traceback per worker; and gunicorn stops (its status for an app that cannot load)
-    instead of starting new workers that fail the same way."""
+    not a traceback; and gunicorn stops (its status for an app that cannot load) instead of
+    starting new workers that fail the same way. One worker: when several fail at the same
+    moment, gunicorn's master may print a traceback of its own (its HaltServer, raised again
+    while it stops)."""
     config = base_config(tmp_path)
     config[section] = {**config.get(section, {}), **values}
     path = tmp_path / "bad.toml"
     path.write_text(to_toml(config))
-    command = [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "--no-control-socket"]
+    workers = "2" if preload else "1"  # with --preload the master loads it, once
+    command = [str(Path(sys.executable).parent / "gunicorn"), "-w", workers, "--no-control-socket"]
     command += ["-b", f"127.0.0.1:{free_port()}", *(["--preload"] if preload else [])]
     done = subprocess.run(
         [*command, "txsms.webhooks:create_app()"],
@@ -393,5 +396,4 @@ def test_gunicorn_stops_on_a_bad_config_or_database_with_one_line(
     assert done.returncode == 4, done.stderr
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
-    assert errors and all(expected in line for line in errors), done.stderr
-    assert len(errors) <= 2  # one per worker at most; with --preload the master's only
+    assert len(errors) == 1 and expected in errors[0], done.stderr
