@@ -91,6 +91,8 @@ events = Table(
 #: Messages a worker claims once their `send_at` has come. Literal in the SQL, so that both
 #: databases can use the partial index `ix_messages_due` (with a bound value they cannot).
 DUE = text("status IN ('pending', 'deferred')")
+#: Percent of each PostgreSQL page of `messages` filled by inserts (see the table).
+MESSAGES_FILLFACTOR = 70
 
 messages = Table(
     "messages",
@@ -148,6 +150,9 @@ messages = Table(
         "finished_at",
         **_where("body_enc IS NOT NULL AND finished_at IS NOT NULL"),
     ),
+    # Room on every page for a row's next versions (migration 0005): a message is updated
+    # three times, and marking it in flight then touches no index (a heap-only update).
+    postgresql_with={"fillfactor": MESSAGES_FILLFACTOR},
 )
 
 recipients = Table(

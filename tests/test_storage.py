@@ -606,3 +606,55 @@ def test_a_connection_lost_mid_transaction_raises_the_drivers_error(pg_runtime):
         conn.execute(text("SELECT 1"))
     with engine.connect() as conn:  # the pool replaced the dead connection
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
+
+
+@pytest.mark.parametrize("fillfactor", [None, 100])
+def test_marking_in_flight_is_a_heap_only_update_on_postgresql(pg_runtime, fillfactor):
+    """Pages of `messages` keep room for a row's next versions (migration 0005), so marking a
+    claimed message in flight, which changes no indexed column, writes no index. On full pages
+    (fillfactor 100, PostgreSQL's default) nearly every new version moves to another page and
+    into all the table's indexes."""
+    from txsms.core import outbox
+    from txsms.core.events import Event, Recipient
+    from txsms.core.pipeline import ingest
+
+    engine = pg_runtime.engine
+    with engine.connect() as conn:
+        options = conn.execute(
+            text("SELECT reloptions FROM pg_class WHERE oid = 'messages'::regclass")
+        ).scalar_one()
+    assert options == [f"fillfactor={storage.MESSAGES_FILLFACTOR}"]
+    if fillfactor is not None:  # what the table had before 0005
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE messages SET (fillfactor = {fillfactor})"))
+    count = 300  # some twenty full pages
+    for first in range(0, count, 100):
+        ingest(
+            pg_runtime,
+            [
+                Event(
+                    source="api",
+                    kind="order.created",
+                    key=f"order:{n}:created",
+                    recipient=Recipient(phone=f"+1 415 555 {n % 100:04d}"),
+                    data={"order": {"number": f"#{n}"}},
+                )
+                for n in range(first, first + 100)
+            ],
+        )
+    with engine.begin() as conn:
+        claimed = [r.id for r in outbox.claim(conn, "w1", lease=60, limit=count)]
+    assert len(claimed) == count
+    hot = text(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+        "WHERE relid = 'messages'::regclass"
+    )
+    with engine.begin() as conn:  # the counts of this transaction's own updates
+        assert outbox.mark_in_flight(conn, claimed, "w1", "twilio", lease=60) == set(claimed)
+        updated, heap_only = conn.execute(hot).one()
+    assert updated >= count
+    # About three in four here: the claim's new versions took some of the room.
+    if fillfactor is None:
+        assert heap_only >= 0.5 * count, heap_only
+    else:
+        assert heap_only <= 0.1 * count, heap_only
