@@ -115,7 +115,9 @@ class StartupError(Exception):
     """Why a process cannot start, in one line: the file, the key and what is wrong."""
 
 
-def start(config: Config | str | os.PathLike | None = None, *, migrate: bool | None = None):
+def start(
+    config: Config | str | os.PathLike | None = None, *, migrate: bool | None = None
+) -> Runtime:
     """The runtime of a process that is starting: the config loaded (a path, or
     `$TXSMS_CONFIG`), every template compiled, the database reached and checked. What stops
     it is a StartupError, never a traceback: a bad file, key or template, or a database that
