@@ -76,6 +76,9 @@ def fill(rt, count: int, start: int = 0, *, held: bool = False) -> None:
             for n in range(first, min(end, first + BATCH))
         ]
         ingest(rt, batch)
+    status = "deferred" if held else "pending"
+    if (queued := count_status(rt.engine, status)) != count:
+        raise RuntimeError(f"expected {count} {status} messages, got {queued}")
 
 
 def release(rt) -> float:
