@@ -644,13 +644,15 @@ class KeptConnections:
                 raise
 
     def release(self) -> None:
-        """Give this thread's connection back to the pool (it has stopped reading here)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            with self._lock:
-                self._made.remove(conn)
-            conn.close()
+        """Give this thread's connection (`shared`: the process's, once no thread uses it)
+        back to the pool."""
+        with self._turn:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                self._local.conn = None
+                with self._lock:
+                    self._made.remove(conn)
+                conn.close()
 
     def close(self) -> None:
         with self._lock:
