@@ -47,7 +47,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0, help="measured load per ingest run")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured load before it")
-    p.add_argument("--connections", type=int, default=16, help="concurrent keep-alive clients")
+    p.add_argument(
+        "--connections", type=int, default=16, help="concurrent keep-alive clients (waitress)"
+    )
+    p.add_argument(
+        "--gunicorn-connections",
+        type=int,
+        default=4 * GUNICORN_WORKERS,
+        help="concurrent clients of the gunicorn rows (and the naive receiver): 4 per sync "
+        "worker, which serves one at a time, keep both busy; more only queue",
+    )
     p.add_argument("--procs", type=int, default=1, help="load generator processes")
     p.add_argument("--messages", type=int, default=2000, help="messages per send run")
     p.add_argument(
@@ -445,7 +454,12 @@ def render(args, rows, info: dict[str, str], pg_url: str | None, minutes: float)
             "",
             *table,
             "",
-            NOTES.format(a=args, delay=PROVIDER_DELAY * 1000, w=GUNICORN_WORKERS).strip(),
+            NOTES.format(
+                a=args,
+                delay=PROVIDER_DELAY * 1000,
+                w=GUNICORN_WORKERS,
+                per=f"{args.gunicorn_connections / GUNICORN_WORKERS:g}",
+            ).strip(),
             "",
         ]
     )
@@ -474,7 +488,9 @@ How to read it:
   runs through all slices, idle in between, and sends them to the same fake, timed from the
   release until its last message is recorded. Each side's rate is its messages over its
   time, summed over the slices. CPU: the sending process.
-- **ingest Shopify orders/create, gunicorn**: the same load, each request a distinct order
+- **ingest Shopify orders/create, gunicorn**: the same load from {a.gunicorn_connections}
+  connections ({per} per sync worker, which serves one request at a time: enough to keep both
+  busy; more connections only wait longer in the listen queue, see below), each a distinct order
   made from Shopify's own example (`shared/fixtures/shopify/orders_create.json`: new `id`,
   `name`, `order_number` and `phone`, re-serialised and signed like Shopify, with its own
   `X-Shopify-Event-Id`), posted to `/webhooks/shopify` of `gunicorn -w {w} -k

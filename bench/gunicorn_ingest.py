@@ -80,7 +80,7 @@ def spec(port: int, server_pids: tuple[int, ...], args) -> load.Spec:
         headers={},
         body=shopify_delivery,
         status=200,
-        connections=args.connections,
+        connections=args.gunicorn_connections,
         procs=args.procs,
         seconds=args.seconds,
         warmup=args.warmup,
