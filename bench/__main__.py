@@ -490,7 +490,8 @@ How to read it:
   time, summed over the slices. CPU: the sending process.
 - **ingest Shopify orders/create, gunicorn**: the same load from {a.gunicorn_connections}
   connections ({per} per sync worker, which serves one request at a time: enough to keep both
-  busy; more connections only wait longer in the listen queue, see below), each a distinct order
+  busy; more only wait in the listen queue: at 16 the same throughput, twice the p99, see
+  `bench/HISTORY.md`), each a distinct order
   made from Shopify's own example (`shared/fixtures/shopify/orders_create.json`: new `id`,
   `name`, `order_number` and `phone`, re-serialised and signed like Shopify, with its own
   `X-Shopify-Event-Id`), posted to `/webhooks/shopify` of `gunicorn -w {w} -k
