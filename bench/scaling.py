@@ -21,8 +21,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
-
 from bench import send
 from bench.common import TXSMS, cpu_seconds, database, security_section, start, stop, toml, wait_log
 from bench.fake_provider import provider_section
@@ -52,7 +50,6 @@ def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
 
 
 def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
-    from txsms.core.storage import messages
 
     config = tmp / f"scaling-{processes}.toml"
     config.write_text(
@@ -78,12 +75,8 @@ def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
             wait_log(log, "running with", proc)
         cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
         started = send.release(rt)
-        deadline = time.monotonic() + 300
-        while send.count_status(rt.engine, "pending", "sending") and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling for the end; the rate is taken from `finished_at`
+        last = send.drained(rt.engine)
         wall = time.time() - started
         cpu = (sum(cpu_seconds(p.pid) for p, _ in procs) - cpu0) / wall
-    with rt.engine.connect() as conn:
-        last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
     sent = send.count_status(rt.engine, "sent")
     return Result(sent / (last - started), count - sent, cpu, bare)

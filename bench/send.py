@@ -161,17 +161,23 @@ class Sender:
 
     def run(self, count: int, timeout: float = 300.0) -> Result:
         """Release the `count` held messages; the time until the last one was recorded."""
-        from txsms.core.storage import messages
-
         already = count_status(self.watcher, "sent")  # by the runs before
         started = release(self.rt)
-        deadline = time.monotonic() + timeout
-        while count_status(self.watcher, "pending", "sending") and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling for the end; the rate is taken from `finished_at`
-        with self.watcher.connect() as conn:
-            last = conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
+        last = drained(self.watcher, timeout)
         sent = count_status(self.watcher, "sent") - already
         return Result(sent, last - started, count - sent)
+
+
+def drained(engine, timeout: float = 300.0) -> float:
+    """Wait until no message is pending or being sent (or `timeout` seconds); when the last
+    result was recorded. Rates are taken from that `finished_at`, not from this polling."""
+    from txsms.core.storage import messages
+
+    deadline = time.monotonic() + timeout
+    while count_status(engine, "pending", "sending") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with engine.connect() as conn:
+        return conn.execute(select(func.max(messages.c.finished_at))).scalar_one()
 
 
 def count_status(engine, *statuses: str) -> int:
