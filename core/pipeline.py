@@ -200,7 +200,8 @@ def _ingest_group(
     (one request at a time), else worked out here."""
     if all(r.rehearse for r in requests):
         rehearsed = _rehearse(runtime, conn, requests, inside=True)
-        if rehearsed is not None and _applied(conn, [rehearsed]):
+        # Nothing follows in this transaction but its commit (PostgreSQL: sent along).
+        if rehearsed is not None and _applied(conn, [rehearsed], commit=True):
             return rehearsed.results
     elif all(r.rehearsed for r in requests):
         rehearsals = [r.rehearsed for r in requests]
@@ -209,9 +210,10 @@ def _ingest_group(
     return _work_out(runtime, conn, requests)
 
 
-def _applied(conn: Connection, rehearsed: list[_Rehearsed]) -> bool:
-    """Apply the rehearsals; False when the database no longer reads as they saw it."""
-    if not apply_rehearsals(conn, [r.rehearsal for r in rehearsed]):
+def _applied(conn: Connection, rehearsed: list[_Rehearsed], *, commit: bool = False) -> bool:
+    """Apply the rehearsals; False when the database no longer reads as they saw it.
+    `commit`: as `rehearsal.apply`'s."""
+    if not apply_rehearsals(conn, [r.rehearsal for r in rehearsed], commit=commit):
         REHEARSALS.labels("redone").inc(len(rehearsed))
         return False
     for r in rehearsed:

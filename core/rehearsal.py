@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 
 from txsms.core.storage import INSERT_IGNORE, after_commit, for_driver
 from txsms.core.storage import note as storage_note
@@ -52,6 +52,7 @@ class _Step:
     params: Any
     rows: list[tuple] | None = None  # a read: the rows it returned; None: a write
     inserts: bool = False  # an insert-if-absent that must insert
+    strict_sql: str | None = None  # PostgreSQL: that insert, failing where it would not
     # Run again when applied: every write, and a read unless it ran in the transaction
     # before any write was held back (then it read just what it would have).
     again: bool = True
@@ -150,8 +151,11 @@ class Rehearsal:
             self.steps.append(_Step(sql, params, rows=rows, again=again))
             codes = tuple(column[1] for column in cursor.description)
             return _Rows(_reading(self.dialect, statement, codes), rows)
-        if statement.get_execution_options().get(INSERT_IGNORE):
-            self.steps.append(_Step(sql, params, inserts=True))
+        if (strict := statement.get_execution_options().get(INSERT_IGNORE)) is not None:
+            strict_sql = None
+            if self.in_transaction and self.dialect.name == "postgresql":
+                strict_sql = for_driver(self.dialect, strict, parameters)[0]
+            self.steps.append(_Step(sql, params, inserts=True, strict_sql=strict_sql))
             return _Inserted()
         # RETURNING: its rows decide what comes next. (`_returning`, because the public
         # `exported_columns` is memoised, and a `.returning()` copy of a statement whose
@@ -175,15 +179,26 @@ class Rehearsal:
         self.notes.clear()
 
 
-def apply(conn: Connection, rehearsals: list[Rehearsal]) -> bool:
+def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False) -> bool:
     """Apply `rehearsals` in order on `conn`, inside its transaction: the same statements,
     straight to the driver. False, with nothing applied, at the first read that returns other
     rows than the rehearsal saw or insert-if-absent that inserts nothing: the caller then
-    works them out under the lock."""
+    works them out under the lock.
+
+    `commit`: the caller will commit right after. On PostgreSQL, when there is nothing to
+    check but the inserts (no read to compare), the COMMIT then goes in the same round trip
+    (`_committed`); the caller's own commit finds nothing left to do."""
     driver = conn.connection.dbapi_connection
     steps = [step for r in rehearsals for step in r.steps if step.again]
+    postgresql = conn.dialect.name == "postgresql"
+    if (
+        postgresql
+        and commit
+        and all(s.rows is None and (s.strict_sql or not s.inserts) for s in steps)
+    ):
+        return _committed(conn, driver, steps)
     try:
-        if conn.dialect.name == "postgresql":
+        if postgresql:
             applied = _pipelined(driver, steps)
         else:
             driver.execute("SAVEPOINT rehearsal")
@@ -203,6 +218,34 @@ def _pipelined(driver, steps: list[_Step]) -> bool:
         driver.execute("SAVEPOINT rehearsal")
         cursors = [driver.execute(step.sql, step.params) for step in steps]
     return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
+
+
+def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
+    """The writes and COMMIT in one round trip. Each insert that must insert goes without its
+    ON CONFLICT, so one that would insert nothing fails instead, and with it the rest: the
+    COMMIT never runs, and the transaction is taken back to the savepoint, as when a check
+    fails. A failing COMMIT (the connection lost) leaves no transaction to go back into:
+    that is raised, as SQLAlchemy raises a failed commit (a lost connection is then an
+    OperationalError, which a webhook answers 503)."""
+    from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
+
+    try:
+        with driver.pipeline():
+            driver.execute("SAVEPOINT rehearsal")
+            for step in steps:
+                driver.execute(step.strict_sql or step.sql, step.params)
+            driver.execute("COMMIT")
+    except conn.dialect.loaded_dbapi.Error as exc:
+        if driver.info.transaction_status == TransactionStatus.INERROR:
+            driver.execute("ROLLBACK TO SAVEPOINT rehearsal")
+            return False
+        lost = conn.dialect.is_disconnect(exc, driver, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            "COMMIT", None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost
+        ) from exc
+    return True
 
 
 def _as_rehearsed(step: _Step, cursor) -> bool:

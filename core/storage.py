@@ -576,7 +576,9 @@ def run_transaction(
 
 _READER = "txsms_reader"
 #: Statement option of `insert_ignore`'s statements: an INSERT … ON CONFLICT DO NOTHING
-#: RETURNING whose one row says the insert happened (a rehearsal may assume it does).
+#: RETURNING whose one row says the insert happened (a rehearsal may assume it does). Its
+#: value is the statement's strict twin: the same INSERT without ON CONFLICT, which fails
+#: where this one would insert nothing.
 INSERT_IGNORE = "txsms_insert_ignore"
 
 
@@ -816,9 +818,10 @@ def _insert_ignore_stmt(dialect: str, table: Table, conflict: tuple[str, ...]):
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
+    strict = insert(table)
     return (
         insert(table)
         .on_conflict_do_nothing(index_elements=list(conflict))
         .returning(table.c[conflict[0]])  # rowcount is -1 here with psycopg 3; RETURNING is exact
-        .execution_options(**{INSERT_IGNORE: True})
+        .execution_options(**{INSERT_IGNORE: strict})
     )

@@ -23,6 +23,7 @@ from test_scaleout import _healthy
 from test_serve import free_port
 
 from txsms.core import consent, pipeline
+from txsms.core import rehearsal as core_rehearsal
 from txsms.core.events import Event, OrderRef, Recipient
 from txsms.core.pipeline import _committer, _parse_phone, _rehearse_outside, _Request, ingest
 from txsms.core.rehearsal import CannotRehearse, Rehearsal, apply
@@ -223,11 +224,11 @@ def test_a_conflict_committed_while_a_rehearsal_was_applied_is_caught(pg_runtime
     its writes is a row another receiver commits, which its insert-if-absent then finds."""
     applying = pipeline.apply_rehearsals
 
-    def another_receiver_first(conn, rehearsals_):
+    def another_receiver_first(conn, rehearsals_, **options):
         with pg_runtime.engine.begin() as other:
             row = {"source": "api", "delivery_id": "d-1", "received_at": 1.0}
             insert_ignore(other, deliveries, row, ["source", "delivery_id"])
-        return applying(conn, rehearsals_)
+        return applying(conn, rehearsals_, **options)
 
     monkeypatch.setattr(pipeline, "apply_rehearsals", another_receiver_first)
     redone = rehearsals("redone")
@@ -236,6 +237,59 @@ def test_a_conflict_committed_while_a_rehearsal_was_applied_is_caught(pg_runtime
 
     assert rehearsals("redone") == redone + 1
     assert count(pg_runtime, events) == 0 and count(pg_runtime, messages) == 0
+
+
+def test_on_postgresql_the_writes_and_their_commit_go_in_one_round_trip(pg_runtime, monkeypatch):
+    """The inserts go without ON CONFLICT and COMMIT follows them in the same pipeline: the
+    transaction's own commit then finds nothing to do. One that would insert nothing fails,
+    and the work is done again for real (the test above)."""
+    sent: list[str] = []
+    committing = core_rehearsal._committed
+
+    def recorded(conn, driver, steps):
+        sent.extend(step.strict_sql or step.sql for step in steps)
+        return committing(conn, driver, steps)
+
+    monkeypatch.setattr(core_rehearsal, "_committed", recorded)
+    applied = rehearsals("applied")
+
+    [result] = ingest(pg_runtime, [order()], delivery=("api", "d-1"))
+
+    assert rehearsals("applied") == applied + 1
+    assert [sql.split()[2] for sql in sent] == [
+        "deliveries",
+        "events",
+        "recipients",
+        "messages",
+    ]
+    assert not any("ON CONFLICT" in sql for sql in sent)
+    [row] = message_rows(pg_runtime)
+    assert (row.id, row.status) == (result.messages[0].id, "pending")
+    assert count(pg_runtime, deliveries) == 1 and count(pg_runtime, events) == 1
+
+
+def test_a_commit_that_fails_after_the_writes_is_raised_and_keeps_nothing(pg_runtime):
+    """The COMMIT sent with the writes can fail on its own (here a deferred check; in life a
+    lost connection): then there is no transaction to go back into, and the error is the
+    caller's, as any failed commit is. Nothing was stored, and the webhook gets no 2xx."""
+    with pg_runtime.engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON deliveries"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        )
+
+    with pytest.raises(DBAPIError, match="refused at commit"):
+        ingest(pg_runtime, [order()], delivery=("api", "d-1"))
+
+    assert count(pg_runtime, deliveries) == 0 and count(pg_runtime, events) == 0
 
 
 def test_a_rehearsal_is_applied_and_logs_once(any_runtime, caplog):
