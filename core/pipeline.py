@@ -399,12 +399,13 @@ def _ingest_one(
     event_id = new_id()
     phone, phone_error = lookups.phone(event)
     index = runtime.vault.index(phone.e164) if phone else None
-    # A privacy request is about erasing or exporting data: it keeps none of its own.
-    payload = (
-        None
-        if event.kind.startswith("privacy.")
-        else {"recipient": event.recipient.__dict__, "data": event.data}
-    )
+    # A privacy request is about erasing or exporting data: it keeps none of its own. An
+    # order's event keeps the document its stored context keeps: encrypted once, for both.
+    payload_enc = None
+    if not event.kind.startswith("privacy."):
+        payload_enc = runtime.vault.encrypt_json(
+            _context_document(event) if context is not None else _document(event)
+        )
     inserted = insert_ignore(
         conn,
         events,
@@ -415,7 +416,7 @@ def _ingest_one(
             "kind": event.kind,
             "phone_index": index,
             "order_ref": event.order.ref if event.order else None,
-            "payload_enc": runtime.vault.encrypt_json(payload),
+            "payload_enc": payload_enc,
             "occurred_at": event.occurred_at,
             "received_at": now,
         },
@@ -439,7 +440,7 @@ def _ingest_one(
         return IngestResult(event.key, "duplicate", existing)
     result = IngestResult(event.key, "accepted", event_id)
     if context is not None:
-        _save_order_context(runtime, conn, event, index, context, now)
+        _save_order_context(runtime, conn, event, index, context, now, payload_enc)
         lookups.contexts.pop((event.source, event.order.ref), None)  # read again if needed
 
     if phone is not None and not lookups.number(index).known:
@@ -561,16 +562,24 @@ def _order_context(runtime: Runtime, event: Event, row: Row | None) -> _Context:
     )
 
 
-def _save_order_context(runtime, conn, event: Event, index, context: _Context, now) -> None:
+def _document(event: Event) -> dict[str, Any]:
+    """What an event keeps of its own (`events.payload_enc`)."""
+    return {"recipient": event.recipient.__dict__, "data": event.data}
+
+
+def _context_document(event: Event) -> dict[str, Any]:
+    """What later deliveries of the order need of it (`order_context.context_enc`)."""
+    skip = event.skip if event.skip in ORDER_WIDE_SKIPS else None
+    return {**_document(event), "skip": skip}
+
+
+def _save_order_context(
+    runtime, conn, event: Event, index, context: _Context, now, encrypted: bytes | None = None
+) -> None:
+    """`encrypted`: the event's `_context_document`, already encrypted for its own row."""
     values = {
         "phone_index": index,
-        "context_enc": runtime.vault.encrypt_json(
-            {
-                "recipient": event.recipient.__dict__,
-                "data": event.data,
-                "skip": event.skip if event.skip in ORDER_WIDE_SKIPS else None,
-            }
-        ),
+        "context_enc": encrypted or runtime.vault.encrypt_json(_context_document(event)),
         "last_status": event.order.status,
         "last_modified": context.last_modified,
         "updated_at": now,

@@ -339,6 +339,27 @@ def test_a_batch_reads_each_orders_own_context_not_another_shops(runtime):
     assert runtime.vault.decrypt(known.to_enc) == "+14155550101"
 
 
+def test_an_orders_event_and_its_stored_context_share_one_encrypted_document(runtime):
+    """Both rows hold what later deliveries need of the order: encrypted once, the same
+    token in each; a test order's skip is in it for the order's later events."""
+    from txsms.core.events import OrderRef
+    from txsms.core.storage import order_context
+
+    test_order = order(order=OrderRef(ref="1001"), skip="test_order")
+    ingest(runtime, [test_order, order(key="other", order=OrderRef(ref="1002"))])
+
+    with runtime.engine.connect() as conn:
+        payloads = dict(conn.execute(select(events.c.order_ref, events.c.payload_enc)).all())
+        contexts = dict(
+            conn.execute(select(order_context.c.order_ref, order_context.c.context_enc)).all()
+        )
+    assert payloads == contexts and len(payloads) == 2
+    document = runtime.vault.decrypt_json(payloads["1001"])
+    assert document["skip"] == "test_order"
+    assert document["recipient"]["name"] == "Ada Lovelace"
+    assert document["data"] == {"order": {"number": "#1001", "total": "$25.00"}}
+
+
 def test_privacy_requests_keep_no_payload_and_export_by_order(runtime, tmp_path):
     from txsms.core.events import OrderRef
 
