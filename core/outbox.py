@@ -62,21 +62,27 @@ def claim(conn: Connection, worker_id: str, *, lease: float, limit: int) -> Sequ
         ids += conn.execute(queries["due"], params).scalars()
     if not ids:
         return []
-    rows = conn.execute(
-        messages.update()
-        .where(messages.c.id.in_(ids))
-        .values(
-            status="sending",
-            reason=None,
-            lease_until=now + lease,
-            claimed_by=worker_id,
-            in_flight=False,
-            attempts=messages.c.attempts + 1,
-            updated_at=now,
-        )
-        .returning(*messages.c)
-    ).all()
+    params = {"_ids": ids, "_lease_until": now + lease, "_claimed_by": worker_id, "_now": now}
+    rows = conn.execute(_CLAIM, params).all()
     return sorted(rows, key=lambda row: row.send_at)
+
+
+# Built once, like the queries above: building the statement, its cache key and its IN list
+# per claim took about 40 % of a claim's CPU.
+_CLAIM = (
+    messages.update()
+    .where(messages.c.id.in_(bindparam("_ids", expanding=True)))
+    .values(
+        status="sending",
+        reason=None,
+        lease_until=bindparam("_lease_until"),
+        claimed_by=bindparam("_claimed_by"),
+        in_flight=False,
+        attempts=messages.c.attempts + 1,
+        updated_at=bindparam("_now"),
+    )
+    .returning(*messages.c)
+)
 
 
 # Built once: the columns to set travel as parameters, so SQLAlchemy compiles each shape once
