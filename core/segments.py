@@ -7,6 +7,7 @@ that does not count segments); see reference/providers.md section 3.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # The GSM 03.38 basic table (one septet each); the escape 0x1B itself is not a character.
@@ -29,6 +30,7 @@ class SegmentInfo:
 
 
 _GSM_ALL = _GSM_BASIC | _GSM_EXT
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 
 
 def is_gsm7(text: str) -> bool:
@@ -40,18 +42,22 @@ def count_segments(text: str) -> SegmentInfo:
     """Encoding, units and segments of `text`; one non-GSM character makes it all UCS-2."""
     if is_gsm7(text):
         encoding, single, part = "GSM-7", GSM7_SINGLE, GSM7_PART
-        costs = [2 if c in _GSM_EXT else 1 for c in text]
+        doubles = sum(map(_GSM_EXT.__contains__, text))  # escape + septet: counted in C
     else:
         # Astral characters (most emoji) are a UTF-16 surrogate pair: two units.
         encoding, single, part = "UCS-2", UCS2_SINGLE, UCS2_PART
-        costs = [2 if ord(c) > 0xFFFF else 1 for c in text]
-    units = sum(costs)
+        doubles = len(_ASTRAL.findall(text))
+    units = len(text) + doubles
     if units <= single:
         return SegmentInfo(encoding, units, 1 if units else 0)
+    if not doubles:  # every character one unit: nothing can straddle a boundary
+        return SegmentInfo(encoding, units, -(-units // part))
     # Walk the text instead of ceil(units / part): an escape pair or a surrogate pair never
     # straddles a boundary, so a part can end one unit short.
+    wide = _GSM_EXT.__contains__ if encoding == "GSM-7" else _ASTRAL.fullmatch
     segments, used = 1, 0
-    for cost in costs:
+    for c in text:
+        cost = 2 if wide(c) else 1
         if used + cost > part:
             segments, used = segments + 1, 0
         used += cost
