@@ -30,7 +30,7 @@ class SegmentInfo:
 
 
 _GSM_ALL = _GSM_BASIC | _GSM_EXT
-_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def is_gsm7(text: str) -> bool:
