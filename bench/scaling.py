@@ -50,7 +50,6 @@ def run(args, tmp: Path, fake_url: str, processes: int) -> Result:
 
 
 def _workers(rt, url, fake_url, tmp, processes, count, bare) -> Result:
-
     config = tmp / f"scaling-{processes}.toml"
     config.write_text(
         toml(

@@ -42,10 +42,12 @@ def count_segments(text: str) -> SegmentInfo:
     """Encoding, units and segments of `text`; one non-GSM character makes it all UCS-2."""
     if is_gsm7(text):
         encoding, single, part = "GSM-7", GSM7_SINGLE, GSM7_PART
-        doubles = sum(map(_GSM_EXT.__contains__, text))  # escape + septet: counted in C
+        wide = _GSM_EXT.__contains__  # escape + septet
+        doubles = sum(map(wide, text))  # counted in C
     else:
         # Astral characters (most emoji) are a UTF-16 surrogate pair: two units.
         encoding, single, part = "UCS-2", UCS2_SINGLE, UCS2_PART
+        wide = _ASTRAL.fullmatch
         doubles = len(_ASTRAL.findall(text))
     units = len(text) + doubles
     if units <= single:
@@ -54,7 +56,6 @@ def count_segments(text: str) -> SegmentInfo:
         return SegmentInfo(encoding, units, -(-units // part))
     # Walk the text instead of ceil(units / part): an escape pair or a surrogate pair never
     # straddles a boundary, so a part can end one unit short.
-    wide = _GSM_EXT.__contains__ if encoding == "GSM-7" else _ASTRAL.fullmatch
     segments, used = 1, 0
     for c in text:
         cost = 2 if wide(c) else 1
