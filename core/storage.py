@@ -255,6 +255,16 @@ rate_limits = Table(
 )
 
 
+outbox_waiters = Table(
+    "outbox_waiters",
+    metadata,
+    # A worker process with a thread waiting for work, until when (PostgreSQL's clock): the
+    # outbox trigger NOTIFYs only while one is here (core/notify.py, migration 0006).
+    Column("worker", String(200), primary_key=True),
+    Column("until", Float, nullable=False),
+)
+
+
 def make_engine(storage: StorageConfig, *, relaxed: bool = False, **kwargs) -> Engine:
     """The engine for `storage`. `relaxed`: commits survive a crash of this process but may be
     lost on power failure (PostgreSQL's synchronous_commit off, SQLite's synchronous NORMAL)."""

@@ -18,7 +18,7 @@ from sqlalchemy import Row, bindparam, select
 
 from txsms.core import consent, outbox, retention
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
-from txsms.core.notify import PgListener
+from txsms.core.notify import PgListener, Waiting
 from txsms.core.pipeline import source_disabled
 from txsms.core.providers import (
     LookupUnavailable,
@@ -130,6 +130,7 @@ class Worker:
         self._next = _Ahead()
         self._last_maintenance = 0.0
         self._listener: PgListener | None = None
+        self._waiting: Waiting | None = None
 
     # -- running -------------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Worker:
         if self.runtime.engine.dialect.name == "postgresql":
             self._listener = PgListener(self.runtime.engine, self.runtime.wakeup.notify)
             self._listener.start()
+            self._waiting = Waiting(self.runtime.autocommit, self.worker_id)
         for n in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"txsms-worker-{n}", daemon=True)
             thread.start()
@@ -161,10 +163,26 @@ class Worker:
                 except Exception:  # a database outage must not kill the worker thread
                     log_failure(log, "worker iteration failed; retrying")
                     done = 0
-                if not done:
-                    self.runtime.wakeup.wait(poll)
+                if done:
+                    continue
+                if self._tell_waiting(Waiting.enter):
+                    continue  # look once more: what committed before it sent no NOTIFY
+                self.runtime.wakeup.wait(poll)
+                self._tell_waiting(Waiting.renew)
         finally:
+            self._tell_waiting(Waiting.leave)
             self._release_next()
+
+    def _tell_waiting(self, action) -> bool:
+        """Tell the database this thread waits for work, or does not (PostgreSQL's receivers
+        NOTIFY only while a worker waits): `action` is a `Waiting` method."""
+        if self._waiting is None:
+            return False
+        try:
+            return bool(action(self._waiting))
+        except Exception:  # written again after the next poll; no NOTIFY may come meanwhile
+            log_failure(log, "could not tell the database whether this worker waits")
+            return False
 
     def run_once(self, *, claim_ahead: bool = False) -> int:
         """Claim one batch and send it; the number of messages handled.
@@ -179,6 +197,8 @@ class Worker:
         if batch is None:
             with transaction(self.runtime.engine.begin) as conn:
                 batch = self._claim(conn)
+        if batch.rows:
+            self._tell_waiting(Waiting.leave)  # busy: work arriving needs no NOTIFY now
         claim, rows, ready = batch.claim, batch.rows, batch.ready
         windows = [ready[n : n + self.window] for n in range(0, len(ready), self.window)]
         ahead_claim = claim_ahead and self.window > 1 and len(rows) == self.batch

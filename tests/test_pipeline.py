@@ -405,11 +405,13 @@ def test_a_message_that_would_go_after_it_expires_is_skipped(runtime_factory):
     assert (rows(runtime)[0].status, rows(runtime)[0].reason) == ("skipped", "expired")
 
 
-def test_postgresql_notifies_workers_when_a_message_becomes_due_and_only_then(pg_runtime):
+def test_postgresql_notifies_waiting_workers_when_a_message_becomes_due_and_only_then(
+    pg_runtime,
+):
     # (SQLite wakes workers in-process instead.)
     import psycopg
 
-    from txsms.core.notify import CHANNEL
+    from txsms.core.notify import CHANNEL, Waiting
 
     runtime = pg_runtime
     conninfo = runtime.engine.url.set(drivername="postgresql").render_as_string(False)
@@ -427,6 +429,10 @@ def test_postgresql_notifies_workers_when_a_message_becomes_due_and_only_then(pg
                 seen.append(note.payload)
             raise AssertionError(f"{sentinel} never arrived")
 
+        ingest(runtime, [_event("order:6:created")])
+        assert payloads_until("no-one-waits") == []  # every worker busy: no NOTIFY to commit
+        waiting = Waiting(runtime.autocommit, "test-worker")
+        assert waiting.enter()  # a worker thread starts waiting: the row is written
         [result] = ingest(runtime, [_event("order:7:created")])
         assert result.messages[0].status == "pending"
         assert payloads_until("after-ingest") == [""]  # once per commit, by the trigger
@@ -436,6 +442,13 @@ def test_postgresql_notifies_workers_when_a_message_becomes_due_and_only_then(pg
         with runtime.engine.begin() as conn:
             conn.execute(messages.update().values(status="pending", reason="retry"))
         assert payloads_until("after-retry") == [""]
+        waiting.leave()  # it found work: the row is gone
+        ingest(runtime, [_event("order:8:created")])
+        assert payloads_until("after-leave") == []
+        stale = Waiting(runtime.autocommit, "killed-worker", seconds=-1)
+        assert stale.enter()  # a killed worker's row, run out
+        ingest(runtime, [_event("order:9:created")])
+        assert payloads_until("stale-row") == []
 
 
 def _event(key: str) -> Event:

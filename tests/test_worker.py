@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from itertools import pairwise
 
 import pytest
-from conftest import twilio_section
+from conftest import PG_SKIP, make_config, pg_schema, twilio_section
 from fakes import deadlock, query_plan, statements_run, wait_until
 from fakes.twilio import Delay, Drop, Reply
 from prometheus_client import REGISTRY
@@ -20,7 +20,8 @@ from txsms.core import consent, outbox
 from txsms.core.events import Event, Recipient
 from txsms.core.pipeline import ingest
 from txsms.core.ratelimit import RateLimiter
-from txsms.core.storage import messages, rate_limits, recipients
+from txsms.core.runtime import Runtime
+from txsms.core.storage import messages, outbox_waiters, rate_limits, recipients
 from txsms.core.worker import Worker
 
 PHONE = "+14155550100"
@@ -651,3 +652,118 @@ def test_results_recorded_by_a_commit_run_again_are_logged_and_counted_once(
     assert len(lines) == 6 and len(set(lines)) == 6
     assert REGISTRY.get_sample_value(*sent) - before == 6
     assert len(fake_twilio.requests) == 6
+
+
+@contextmanager
+def pg_worker_and_receiver(tmp_path, fake_twilio, **worker_settings):
+    """A worker process's runtime and a receiver's, on one PostgreSQL schema; the worker polls
+    only once a minute, so anything sent sooner was woken by a NOTIFY."""
+    if PG_SKIP:
+        pytest.skip(PG_SKIP)
+    with pg_schema() as url:
+        receiver = Runtime(make_config(tmp_path, url, provider=twilio_section(fake_twilio)))
+        receiver.prepare_database(migrate=True)
+        sending = Runtime(
+            make_config(
+                tmp_path,
+                url,
+                provider=twilio_section(fake_twilio),
+                worker={"poll_seconds": 60, **worker_settings},
+            )
+        )
+        try:
+            yield receiver, sending
+        finally:
+            sending.close()
+            receiver.close()
+
+
+def waiters(runtime) -> list[str]:
+    with runtime.engine.connect() as conn:
+        return list(conn.execute(select(outbox_waiters.c.worker)).scalars())
+
+
+def test_an_idle_worker_on_postgresql_is_woken_by_a_notify_only_while_it_waits(
+    tmp_path, fake_twilio
+):
+    """Idle, the worker process keeps one row in `outbox_waiters` (for both its threads), and an
+    ingest elsewhere wakes it at once. Busy, it has none: ingest sends no NOTIFY, and the
+    worker finds the message itself when it comes back for more."""
+    import psycopg
+
+    from txsms.core.notify import CHANNEL
+
+    with pg_worker_and_receiver(tmp_path, fake_twilio, concurrency=1) as (receiver, sending):
+        worker = Worker(sending)
+        conninfo = receiver.engine.url.set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(conninfo, autocommit=True) as listener:
+            listener.execute(f"LISTEN {CHANNEL}")
+            worker.start()
+            try:
+                wait_until(lambda: waiters(receiver) == [worker.worker_id])
+                fake_twilio.script(Delay(2.0))  # the first message holds the only thread
+                ingest(receiver, [event("k1")])
+                fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
+                assert waiters(receiver) == []  # busy: no NOTIFY wanted
+                assert [n.payload for n in listener.notifies(timeout=0.5)] == [""]  # k1's
+                ingest(receiver, [event("k2")])
+                fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 2, timeout=10)
+                assert [n.payload for n in listener.notifies(timeout=0.5)] == []  # none for k2
+                wait_until(lambda: waiters(receiver) == [worker.worker_id])  # idle again
+                ingest(receiver, [event("k3")])
+                fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 3)
+            finally:
+                worker.stop()
+        assert [message(sending, k).status for k in ("k1", "k2", "k3")] == ["sent"] * 3
+        assert waiters(receiver) == []  # stopped: the row went with it
+
+
+def test_a_worker_that_starts_waiting_looks_again_for_what_committed_before_it_said_so(
+    tmp_path, fake_twilio, monkeypatch
+):
+    """A message committed between the worker's last empty look and its row in
+    `outbox_waiters` sent no NOTIFY: the worker finds it by looking once more, not at the poll a
+    minute later."""
+    from txsms.core.notify import Waiting
+
+    with pg_worker_and_receiver(tmp_path, fake_twilio, concurrency=1) as (receiver, sending):
+        enter = Waiting.enter
+        slipped: list[bool] = []
+
+        def enter_after_an_ingest(self) -> bool:
+            if not slipped:
+                slipped.append(True)
+                ingest(receiver, [event("slipped")])  # no row yet: no NOTIFY
+            return enter(self)
+
+        monkeypatch.setattr(Waiting, "enter", enter_after_an_ingest)
+        worker = Worker(sending)
+        worker.start()
+        try:
+            fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
+        finally:
+            worker.stop()
+        assert message(sending, "slipped").status == "sent"
+
+
+def test_waiting_threads_share_one_row_that_goes_with_the_last_and_runs_out(pg_runtime):
+    from txsms.core.notify import Waiting
+
+    waiting = Waiting(pg_runtime.autocommit, "w1", seconds=30)
+    with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:  # two worker threads
+        assert one.submit(waiting.enter).result() is True  # written
+        assert one.submit(waiting.enter).result() is False  # still waiting: nothing to write
+        assert two.submit(waiting.enter).result() is False  # there already
+        assert two.submit(waiting.renew).result() is False  # not running out yet
+        one.submit(waiting.leave).result()
+        one.submit(waiting.leave).result()  # not waiting: nothing
+        assert waiters(pg_runtime) == ["w1"]  # the other thread still waits
+        two.submit(waiting.leave).result()
+        assert waiters(pg_runtime) == []
+    short = Waiting(pg_runtime.autocommit, "w2", seconds=0.2)
+    assert short.enter() is True
+    with pg_runtime.engine.connect() as conn:
+        first = conn.execute(select(outbox_waiters.c.until)).scalar_one()
+    wait_until(short.renew, timeout=2)  # past half its time: written again, later
+    with pg_runtime.engine.connect() as conn:
+        assert conn.execute(select(outbox_waiters.c.until)).scalar_one() > first
