@@ -7,8 +7,8 @@ holds that lock for its whole transaction, so the time a transaction spends in P
 PostgreSQL has no such lock, but there each statement is a round trip. There, and where one
 writer thread commits the requests of a process in groups, the rehearsal runs inside the write
 transaction, its reads as they would be (on PostgreSQL the first with BEGIN), and its writes
-are applied together (in one round trip: psycopg's pipeline), then COMMIT: on PostgreSQL three
-round trips where a delivery took eight. Reads made there before any write need no second
+are applied together (in one round trip: psycopg's pipeline, each sent in one piece), usually
+with their COMMIT: on PostgreSQL two round trips where a delivery took eight. Reads made there before any write need no second
 look, and no statement goes through SQLAlchemy's per-execute work.
 
 A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import namedtuple
-from collections.abc import Callable
+from collections import deque, namedtuple
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +169,7 @@ class Rehearsal:
     def _read(self, sql: str, params):
         driver = self.reader.connection.dbapi_connection
         if self.in_transaction and self.dialect.name == "postgresql":
-            with driver.pipeline():  # the transaction's BEGIN goes in the same round trip
+            with _pipeline(driver, begins=True):  # BEGIN goes in the same round trip
                 return driver.execute(sql, params)
         return driver.execute(sql, params)
 
@@ -214,7 +215,7 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
 def _pipelined(driver, steps: list[_Step]) -> bool:
     """PostgreSQL: all the statements in one round trip (psycopg's pipeline), then checked.
     A delivery is about six statements, each a round trip of its own through SQLAlchemy."""
-    with driver.pipeline():
+    with _pipeline(driver):
         driver.execute("SAVEPOINT rehearsal")
         cursors = [driver.execute(step.sql, step.params) for step in steps]
     return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
@@ -230,7 +231,7 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
     from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
 
     try:
-        with driver.pipeline():
+        with _pipeline(driver):
             driver.execute("SAVEPOINT rehearsal")
             for step in steps:
                 driver.execute(step.strict_sql or step.sql, step.params)
@@ -246,6 +247,55 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
             "COMMIT", None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost
         ) from exc
     return True
+
+
+@contextmanager
+def _pipeline(driver, *, begins: bool = False) -> Iterator[None]:
+    """psycopg's pipeline, sent in one piece.
+
+    psycopg writes each statement to the socket as soon as it is queued: a system call each,
+    and as many wake-ups of the server, where the statements of one round trip can go out
+    together. Here they are only queued (in libpq's buffer, the connection being in pipeline
+    mode and non-blocking) and go out with the Sync that ends the pipeline; the results come
+    back and are read as psycopg reads them.
+
+    `begins`: the pipeline runs one statement, which opens the transaction. psycopg waits
+    for the answer to its BEGIN before it sends that statement (a round trip of its own, so
+    that a second statement finds the transaction open); with no second statement, BEGIN goes
+    with the first.
+
+    These are psycopg's internals (`command_queue`, `_communicate_gen`, `_sync_gen`): a
+    psycopg without them is left to do it its own way."""
+    hooks: dict[str, Any] = {}
+    try:
+        with driver.pipeline() as pipeline:
+            commands = getattr(pipeline, "command_queue", None)
+            wanted = ["_communicate_gen", "_sync_gen"] if begins else ["_communicate_gen"]
+            if isinstance(commands, deque) and all(
+                hasattr(pipeline, name) for name in [*wanted, "_enqueue_sync"]
+            ):
+                hooks = {
+                    "_communicate_gen": functools.partial(_queue_only, commands),
+                    "_sync_gen": functools.partial(_sync_queued, pipeline, commands),
+                }
+                hooks = {name: hooks[name] for name in wanted}
+                vars(pipeline).update(hooks)
+            yield
+    finally:
+        for name in hooks:  # (kept until psycopg's own exit has sent and read everything)
+            vars(pipeline).pop(name, None)
+
+
+def _queue_only(commands: deque) -> Iterator[None]:
+    while commands:
+        commands.popleft()()  # PQsend…: into libpq's buffer
+    return
+    yield  # a generator, as the method it stands in for
+
+
+def _sync_queued(pipeline, commands: deque) -> Iterator[None]:
+    pipeline._enqueue_sync()
+    yield from _queue_only(commands)
 
 
 def _as_rehearsed(step: _Step, cursor) -> bool:

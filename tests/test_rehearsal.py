@@ -17,12 +17,13 @@ import requests
 from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, literal, select, text
 from sqlalchemy.exc import DBAPIError, NoResultFound
 from test_scaleout import _healthy
 from test_serve import free_port
 
-from txsms.core import consent, pipeline
+from txsms.core import consent, pipeline, storage
 from txsms.core import rehearsal as core_rehearsal
 from txsms.core.events import Event, OrderRef, Recipient
 from txsms.core.pipeline import _committer, _parse_phone, _rehearse_outside, _Request, ingest
@@ -638,3 +639,48 @@ def test_grouped_requests_are_worked_out_in_the_transaction_and_applied(any_runt
     rows = message_rows(any_runtime)
     assert len(rows) == 13 and {r.status for r in rows} == {"pending"}
     assert {r.id for r in rows} >= {d.id for r in results for d in r.messages}
+
+
+def protocol_turns(trace: Path) -> list[tuple[str, str]]:
+    """libpq's trace of the protocol (regress mode) in turns: ("F", all the client sent before
+    the server answered), ("B", the server's answer), and so on."""
+    turns: list[tuple[str, str]] = []
+    for line in trace.read_text().splitlines():
+        side = line[0] if line[:2] in ("F\t", "B\t") else None  # else: a statement's next line
+        if side and (not turns or turns[-1][0] != side):
+            turns.append((side, ""))
+        turns[-1] = (turns[-1][0], turns[-1][1] + line + "\n")
+    return turns
+
+
+def test_on_postgresql_a_delivery_is_two_round_trips_each_sent_whole(pg_runtime, tmp_path):
+    """BEGIN goes with the look-ups, the writes with their COMMIT, and each round trip goes out
+    whole before the server answers any of it (psycopg alone sends a statement at a time, and
+    waits for BEGIN's answer before the first): libpq's own trace of the protocol."""
+    from psycopg import pq
+
+    trace = tmp_path / "libpq.trace"
+    engine = storage.make_engine(pg_runtime.config.storage)
+    with open(trace, "w") as out:
+
+        @sqlalchemy_event.listens_for(engine, "connect")
+        def traced(dbapi_conn, _record):
+            dbapi_conn.pgconn.trace(out.fileno())
+            dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+        runtime = Runtime(pg_runtime.config, engine=engine)
+        try:
+            [result] = ingest(runtime, [order(1)])
+        finally:
+            runtime.close()
+    assert result.messages[0].status == "pending"
+    sent = [text for side, text in protocol_turns(trace) if side == "F"]
+    assert len(sent) == 3 and "Terminate" in sent[2]  # two round trips, then closing
+    looks, writes = sent[:2]
+    assert '"BEGIN"' in looks and "SELECT 'recipient' AS part" in looks
+    assert looks.rstrip().endswith(("Sync", "Flush"))
+    order_of_writes = ["SAVEPOINT rehearsal", "INSERT INTO events", "INSERT INTO messages"]
+    assert [writes.index(sql) for sql in order_of_writes] == sorted(
+        writes.index(sql) for sql in order_of_writes
+    )
+    assert '"COMMIT"' in writes and writes.index('"COMMIT"') > writes.index("INSERT INTO messages")
