@@ -8,8 +8,9 @@ PostgreSQL has no such lock, but there each statement is a round trip. There, an
 writer thread commits the requests of a process in groups, the rehearsal runs inside the write
 transaction, its reads as they would be (on PostgreSQL the first with BEGIN), and its writes
 are applied together (in one round trip: psycopg's pipeline, each sent in one piece), usually
-with their COMMIT: on PostgreSQL two round trips where a delivery took eight. Reads made there before any write need no second
-look, and no statement goes through SQLAlchemy's per-execute work.
+with their COMMIT: on PostgreSQL two round trips where a delivery took eight. Reads made there
+before any write need no second look, and no statement goes through SQLAlchemy's per-execute
+work.
 
 A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
 the lock): reads go to the database and are remembered with their rows; writes are remembered,
