@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "txsms_outbox"
 
-# How long a waiting process's row lasts unless renewed: a killed worker's row stops the
-# NOTIFYs this long after it died.
+# How long a waiting process's row lasts unless renewed, at least (a worker that polls seldom
+# keeps it for three polls): a killed worker's row stops the NOTIFYs this long after it died.
 WAITING_SECONDS = 10.0
 
 

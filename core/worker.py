@@ -18,7 +18,7 @@ from sqlalchemy import Row, bindparam, select
 
 from txsms.core import consent, outbox, retention
 from txsms.core.metrics import MESSAGES, PROVIDER_ERRORS, SEND_SECONDS, SENDS
-from txsms.core.notify import PgListener, Waiting
+from txsms.core.notify import WAITING_SECONDS, PgListener, Waiting
 from txsms.core.pipeline import source_disabled
 from txsms.core.providers import (
     LookupUnavailable,
@@ -138,7 +138,11 @@ class Worker:
         if self.runtime.engine.dialect.name == "postgresql":
             self._listener = PgListener(self.runtime.engine, self.runtime.wakeup.notify)
             self._listener.start()
-            self._waiting = Waiting(self.runtime.autocommit, self.worker_id)
+            # The row outlives two polls: a thread renews it only when its wait ends.
+            poll = self.runtime.config.worker.poll_seconds
+            self._waiting = Waiting(
+                self.runtime.autocommit, self.worker_id, max(WAITING_SECONDS, 3 * poll)
+            )
         for n in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"txsms-worker-{n}", daemon=True)
             thread.start()

@@ -701,6 +701,11 @@ def test_an_idle_worker_on_postgresql_is_woken_by_a_notify_only_while_it_waits(
             worker.start()
             try:
                 wait_until(lambda: waiters(receiver) == [worker.worker_id])
+                with receiver.engine.connect() as conn:
+                    left = conn.execute(
+                        select(outbox_waiters.c.until - func.extract("epoch", func.now()))
+                    ).scalar_one()
+                assert left > 2 * 60  # outlives two polls: renewed after a wait, not during
                 fake_twilio.script(Delay(2.0))  # the first message holds the only thread
                 ingest(receiver, [event("k1")])
                 fake_twilio.wait_for(lambda: len(fake_twilio.requests) == 1)
