@@ -52,7 +52,6 @@ class Waiting:
     ):
         self._autocommit = autocommit
         self._params = {"worker": worker, "seconds": seconds}
-        self._seconds = seconds
         self._lock = threading.Lock()
         self._thread = threading.local()  # .waiting
         self._waiting = 0  # threads of this process
@@ -88,17 +87,17 @@ class Waiting:
             return False
         with self._autocommit() as conn:
             conn.execute(_HERE, self._params)
-        self._renew_at = time.monotonic() + self._seconds / 2
+        self._renew_at = time.monotonic() + self._params["seconds"] / 2
         return True
 
 
 # Both on PostgreSQL's clock, as the trigger's check is: hosts' clocks may differ.
-_HERE = insert(outbox_waiters).values(
+_here = insert(outbox_waiters).values(
     worker=bindparam("worker"),
     until=func.extract("epoch", func.now()) + bindparam("seconds"),
 )
-_HERE = _HERE.on_conflict_do_update(
-    index_elements=[outbox_waiters.c.worker], set_={"until": _HERE.excluded.until}
+_HERE = _here.on_conflict_do_update(
+    index_elements=[outbox_waiters.c.worker], set_={"until": _here.excluded.until}
 )
 _GONE = outbox_waiters.delete().where(outbox_waiters.c.worker == bindparam("worker"))
 

@@ -270,33 +270,31 @@ def _pipeline(driver, *, begins: bool = False) -> Iterator[None]:
     hooks: dict[str, Any] = {}
     try:
         with driver.pipeline() as pipeline:
-            commands = getattr(pipeline, "command_queue", None)
-            wanted = ["_communicate_gen", "_sync_gen"] if begins else ["_communicate_gen"]
-            if isinstance(commands, deque) and all(
-                hasattr(pipeline, name) for name in [*wanted, "_enqueue_sync"]
+            hooks["_communicate_gen"] = functools.partial(_queue_only, pipeline)
+            if begins:
+                hooks["_sync_gen"] = functools.partial(_sync_queued, pipeline)
+            if isinstance(getattr(pipeline, "command_queue", None), deque) and all(
+                hasattr(pipeline, name) for name in [*hooks, "_enqueue_sync"]
             ):
-                hooks = {
-                    "_communicate_gen": functools.partial(_queue_only, commands),
-                    "_sync_gen": functools.partial(_sync_queued, pipeline, commands),
-                }
-                hooks = {name: hooks[name] for name in wanted}
                 vars(pipeline).update(hooks)
+            else:
+                hooks.clear()
             yield
     finally:
         for name in hooks:  # (kept until psycopg's own exit has sent and read everything)
             vars(pipeline).pop(name, None)
 
 
-def _queue_only(commands: deque) -> Iterator[None]:
-    while commands:
-        commands.popleft()()  # PQsend…: into libpq's buffer
+def _queue_only(pipeline) -> Iterator[None]:
+    while pipeline.command_queue:
+        pipeline.command_queue.popleft()()  # PQsend…: into libpq's buffer
     return
     yield  # a generator, as the method it stands in for
 
 
-def _sync_queued(pipeline, commands: deque) -> Iterator[None]:
+def _sync_queued(pipeline) -> Iterator[None]:
     pipeline._enqueue_sync()
-    yield from _queue_only(commands)
+    yield from _queue_only(pipeline)
 
 
 def _as_rehearsed(step: _Step, cursor) -> bool:
