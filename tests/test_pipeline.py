@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from fakes import statements_run
+from fakes import notifications_until, statements_run
 from sqlalchemy import func, select
 
 from txsms.core import consent
@@ -419,15 +419,7 @@ def test_postgresql_notifies_waiting_workers_when_a_message_becomes_due_and_only
         listener.execute(f"LISTEN {CHANNEL}")
 
         def payloads_until(sentinel: str) -> list[str]:
-            """What arrived up to a NOTIFY sent after everything before it committed."""
-            with runtime.engine.begin() as conn:
-                conn.exec_driver_sql(f"NOTIFY {CHANNEL}, '{sentinel}'")
-            seen = []
-            for note in listener.notifies(timeout=10):
-                if note.payload == sentinel:
-                    return seen
-                seen.append(note.payload)
-            raise AssertionError(f"{sentinel} never arrived")
+            return notifications_until(listener, runtime.engine, CHANNEL, sentinel)
 
         ingest(runtime, [_event("order:6:created")])
         assert payloads_until("no-one-waits") == []  # every worker busy: no NOTIFY to commit

@@ -71,3 +71,17 @@ def deadlock(statement: str = "UPDATE recipients ...") -> OperationalError:
 
 
 __all__ = ["deadlock", "wait_until"]
+
+
+def notifications_until(listener, engine: Engine, channel: str, sentinel: str) -> list[str]:
+    """The payloads `listener` (a psycopg connection LISTENing on `channel`) received up to a
+    NOTIFY of `sentinel` sent through `engine` after everything before it committed: what
+    arrived, with no waiting on a timeout to tell that nothing else will."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"NOTIFY {channel}, '{sentinel}'")
+    seen = []
+    for note in listener.notifies(timeout=10):
+        if note.payload == sentinel:
+            return seen
+        seen.append(note.payload)
+    raise AssertionError(f"{sentinel} never arrived")
