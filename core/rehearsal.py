@@ -260,21 +260,27 @@ def _pipeline(driver, *, begins: bool = False) -> Iterator[None]:
     mode and non-blocking) and go out with the Sync that ends the pipeline; the results come
     back and are read as psycopg reads them.
 
-    `begins`: the pipeline runs one statement, which opens the transaction. psycopg waits
-    for the answer to its BEGIN before it sends that statement (a round trip of its own, so
-    that a second statement finds the transaction open); with no second statement, BEGIN goes
-    with the first.
+    psycopg then asks the server to flush its answers (a Flush message, a system call more
+    and a wake-up of the server) where the Sync already does: here it only sends what the
+    Sync's own flush could not.
 
-    These are psycopg's internals (`command_queue`, `_communicate_gen`, `_sync_gen`): a
-    psycopg without them is left to do it its own way."""
+    `begins`: the pipeline runs one statement, which opens the transaction. psycopg follows
+    its BEGIN with a Sync of its own, which libpq sends at once, and waits for the answer
+    before it sends that statement (a round trip of its own, so that a second statement finds
+    the transaction open); with no second statement, BEGIN goes with the first, and the
+    pipeline's one Sync ends both.
+
+    These are psycopg's internals (`command_queue`, `_communicate_gen`, `_exit_gen`,
+    `_sync_gen`): a psycopg without them is left to do it its own way."""
     hooks: dict[str, Any] = {}
     try:
         with driver.pipeline() as pipeline:
             hooks["_communicate_gen"] = functools.partial(_queue_only, pipeline)
+            hooks["_exit_gen"] = functools.partial(_synced_exit, pipeline)
             if begins:
-                hooks["_sync_gen"] = functools.partial(_sync_queued, pipeline)
+                hooks["_sync_gen"] = _nothing
             if isinstance(getattr(pipeline, "command_queue", None), deque) and all(
-                hasattr(pipeline, name) for name in [*hooks, "_enqueue_sync"]
+                hasattr(pipeline, name) for name in [*hooks, "_enqueue_sync", "_fetch_gen"]
             ):
                 vars(pipeline).update(hooks)
             else:
@@ -292,9 +298,21 @@ def _queue_only(pipeline) -> Iterator[None]:
     yield  # a generator, as the method it stands in for
 
 
-def _sync_queued(pipeline) -> Iterator[None]:
-    pipeline._enqueue_sync()
-    yield from _queue_only(pipeline)
+def _synced_exit(pipeline) -> Iterator[None]:
+    """psycopg's own exit (a Sync, then every answer read) without its Flush request."""
+    from psycopg.generators import send  # PostgreSQL only: psycopg is there
+
+    try:
+        pipeline._enqueue_sync()
+        yield from _queue_only(pipeline)
+        yield from send(pipeline.pgconn)  # what the Sync's flush left: usually nothing
+    finally:
+        yield from pipeline._fetch_gen(flush=False)
+
+
+def _nothing() -> Iterator[None]:
+    return
+    yield  # a generator, as the method it stands in for
 
 
 def _as_rehearsed(step: _Step, cursor) -> bool:

@@ -655,8 +655,9 @@ def protocol_turns(trace: Path) -> list[tuple[str, str]]:
 
 def test_on_postgresql_a_delivery_is_two_round_trips_each_sent_whole(pg_runtime, tmp_path):
     """BEGIN goes with the look-ups, the writes with their COMMIT, and each round trip goes out
-    whole before the server answers any of it (psycopg alone sends a statement at a time, and
-    waits for BEGIN's answer before the first): libpq's own trace of the protocol."""
+    whole before the server answers any of it, ended by one Sync and nothing after it (psycopg
+    alone sends a statement at a time, waits for BEGIN's answer before the first, syncs after
+    BEGIN and sends a Flush after the Sync): libpq's own trace of the protocol."""
     from psycopg import pq
 
     trace = tmp_path / "libpq.trace"
@@ -678,7 +679,10 @@ def test_on_postgresql_a_delivery_is_two_round_trips_each_sent_whole(pg_runtime,
     assert len(sent) == 3 and "Terminate" in sent[2]  # two round trips, then closing
     looks, writes = sent[:2]
     assert '"BEGIN"' in looks and "SELECT 'recipient' AS part" in looks
-    assert looks.rstrip().endswith(("Sync", "Flush"))
+    for sent_whole in (looks, writes):
+        messages = [line.split("\t")[2] for line in sent_whole.splitlines() if line[:2] == "F\t"]
+        assert messages.count("Sync") == 1 and messages[-1] == "Sync", messages
+        assert "Flush" not in messages
     order_of_writes = ["SAVEPOINT rehearsal", "INSERT INTO events", "INSERT INTO messages"]
     assert [writes.index(sql) for sql in order_of_writes] == sorted(
         writes.index(sql) for sql in order_of_writes
