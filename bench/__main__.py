@@ -53,8 +53,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--gunicorn-connections",
         type=int,
-        default=4 * GUNICORN_WORKERS,
-        help="concurrent clients of the gunicorn rows (and the naive receiver): 4 per sync "
+        default=3 * GUNICORN_WORKERS,
+        help="concurrent clients of the gunicorn rows (and the naive receiver): 3 per sync "
         "worker, which serves one at a time, keep both busy; more only queue",
     )
     p.add_argument("--procs", type=int, default=1, help="load generator processes")
@@ -500,9 +500,10 @@ How to read it:
   release until its last message is recorded. Each side's rate is its messages over its
   time, summed over the slices. CPU: the sending process.
 - **ingest Shopify orders/create, gunicorn**: the same load from {a.gunicorn_connections}
-  connections ({per} per sync worker, which serves one request at a time: enough to keep both
-  busy; more only wait in the listen queue: at 16 the same throughput, twice the p99, see
-  `bench/HISTORY.md`), each a distinct order
+  connections ({per} per sync worker, which serves one request at a time and closes each
+  connection: one served, one waiting, one connecting again keep both busy; more only wait
+  in the listen queue: at 8 the same throughput or less, and half as much again on the p99,
+  see `bench/HISTORY.md`), each a distinct order
   made from Shopify's own example (`shared/fixtures/shopify/orders_create.json`: new `id`,
   `name`, `order_number` and `phone`, re-serialised and signed like Shopify, with its own
   `X-Shopify-Event-Id`), posted to `/webhooks/shopify` of `gunicorn -w {w} -k

@@ -53,12 +53,16 @@ def shopify_delivery(tag: str, n: int) -> tuple[bytes, dict[str, str]]:
     proc, conn = (int(x) for x in tag.split("."))
     seq = (proc * 1000 + conn) * 10_000_000 + n
     number = 1001 + seq
+    # Each connection starts at a customer of its own: connections in step would all order
+    # for the same customer at the same moment, which real traffic does not, and on a fresh
+    # database the two receivers would race to record every customer's first contact.
+    customer = (n + conn * 163 + proc * 577) % len(PHONES)
     order = {
         **_order,
         "id": 5_000_000_000_000_000 + seq,
         "name": f"#{number}",
         "order_number": number,
-        "phone": PHONES[seq % len(PHONES)],
+        "phone": PHONES[customer],
     }
     body = json.dumps(order).encode()
     signature = base64.b64encode(hmac.new(SECRET.encode(), body, hashlib.sha256).digest())
