@@ -686,9 +686,9 @@ def waiters(runtime) -> list[str]:
 def test_an_idle_worker_on_postgresql_is_woken_by_a_notify_only_while_it_waits(
     tmp_path, fake_twilio
 ):
-    """Idle, the worker process keeps one row in `outbox_waiters` (for both its threads), and an
-    ingest elsewhere wakes it at once. Busy, it has none: ingest sends no NOTIFY, and the
-    worker finds the message itself when it comes back for more."""
+    """Idle, the worker process keeps one row in `outbox_waiters` (one a process, whatever its
+    threads), and an ingest elsewhere wakes it at once. Busy, it has none: ingest sends no
+    NOTIFY, and the worker finds the message itself when it comes back for more."""
     import psycopg
 
     from txsms.core.notify import CHANNEL
