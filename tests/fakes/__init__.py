@@ -70,9 +70,6 @@ def deadlock(statement: str = "UPDATE recipients ...") -> OperationalError:
     return OperationalError(statement, {}, _DeadlockDetected())
 
 
-__all__ = ["deadlock", "wait_until"]
-
-
 def notifications_until(listener, engine: Engine, channel: str, sentinel: str) -> list[str]:
     """The payloads `listener` (a psycopg connection LISTENing on `channel`) received up to a
     NOTIFY of `sentinel` sent through `engine` after everything before it committed: what
@@ -85,3 +82,6 @@ def notifications_until(listener, engine: Engine, channel: str, sentinel: str) -
             return seen
         seen.append(note.payload)
     raise AssertionError(f"{sentinel} never arrived")
+
+
+__all__ = ["deadlock", "notifications_until", "query_plan", "statements_run", "wait_until"]
