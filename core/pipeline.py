@@ -18,7 +18,10 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Row,
+    and_,
     bindparam,
+    case,
+    exists,
     func,
     literal_column,
     null,
@@ -43,12 +46,14 @@ from txsms.core.runtime import Runtime
 from txsms.core.storage import (
     DIALECTS,
     any_of,
+    consent_ledger,
     deliveries,
     events,
     insert_ignore,
     is_sqlite,
     messages,
     order_context,
+    preferences,
     recipients,
     sources,
 )
@@ -152,15 +157,21 @@ class _Rehearsed:
 
 
 def _rehearse(
-    runtime: Runtime, conn: Connection, requests: list[_Request], *, inside: bool
+    runtime: Runtime,
+    conn: Connection,
+    requests: list[_Request],
+    *,
+    inside: bool,
+    assume: bool = False,
 ) -> _Rehearsed | None:
     """Work `requests` out against a rehearsal (core/rehearsal.py) reading through `conn`:
-    outside the write transaction, or `inside` it. None: they are worked out for real."""
+    outside the write transaction, or `inside` it. `assume`: assumptions may stand in for
+    the look-ups (`_Familiar`). None: they are worked out for real."""
     if any(e.kind.startswith("privacy.") for r in requests for e in r.batch):
         return None  # an export writes a file: not something to do twice
     rehearsal = Rehearsal(conn, in_transaction=inside)
     try:
-        results = _work_out(runtime, rehearsal, requests)
+        results = _work_out(runtime, rehearsal, requests, assume=assume)
     except CannotRehearse as exc:
         log.debug("ingest not rehearsed: %s", exc)
         REHEARSALS.labels("refused").inc()
@@ -199,10 +210,15 @@ def _ingest_group(
     """Ingest the requests that queued up together: rehearsed and applied where that pays
     (one request at a time), else worked out here."""
     if all(r.rehearse for r in requests):
-        rehearsed = _rehearse(runtime, conn, requests, inside=True)
-        # Nothing follows in this transaction but its commit (PostgreSQL: sent along).
-        if rehearsed is not None and _applied(conn, [rehearsed], commit=True):
-            return rehearsed.results
+        # First on assumptions (PostgreSQL: `_Familiar`), then, where one fails, on what the
+        # database reads now.
+        for assume in (True, False):
+            rehearsed = _rehearse(runtime, conn, requests, inside=True, assume=assume)
+            # Nothing follows in this transaction but its commit (PostgreSQL: sent along).
+            if rehearsed is not None and _applied(conn, [rehearsed], commit=True):
+                return rehearsed.results
+            if rehearsed is None or not rehearsed.rehearsal.assumed:
+                break
     elif all(r.rehearsed for r in requests):
         rehearsals = [r.rehearsed for r in requests]
         if _applied(conn, rehearsals):
@@ -223,12 +239,18 @@ def _applied(conn: Connection, rehearsed: list[_Rehearsed], *, commit: bool = Fa
 
 
 def _work_out(
-    runtime: Runtime, conn: Connection | Rehearsal, requests: list[_Request]
+    runtime: Runtime,
+    conn: Connection | Rehearsal,
+    requests: list[_Request],
+    *,
+    assume: bool = False,
 ) -> list[list[IngestResult] | None]:
-    """Ingest the requests on `conn`, with one set of look-ups for all."""
+    """Ingest the requests on `conn`, with one set of look-ups for all (`assume`: see
+    `_Lookups`)."""
     now = time.time()
     phones = {k: v for r in requests for k, v in r.phones.items()}
-    lookups = _Lookups(runtime, conn, [e for r in requests for e in r.batch], phones)
+    batch = [e for r in requests for e in r.batch]
+    lookups = _Lookups(runtime, conn, batch, phones, assume=assume)
     out: list[list[IngestResult] | None] = []
     for request in requests:
         if request.delivery is not None and not insert_ignore(
@@ -317,6 +339,94 @@ def _lookups(dialect: str, single: bool):
 _LOOKUPS = {(d, single): _lookups(d, single) for d in DIALECTS for single in (False, True)}
 
 
+#: The kind whose order is assumed new: its context is then not read, and the insert of it
+#: (one that fails where a row exists, core/rehearsal.py) checks that assumption.
+NEW_ORDER = "order.created"
+
+#: How many numbers a process keeps as familiar (`_Familiar`): about 100 bytes each.
+FAMILIAR_NUMBERS = 10_000
+
+
+def _as_assumed(single: bool):
+    """A statement that fails (a division by zero) unless what `_Lookups` assumes holds:
+    every number in `familiar` has its recipients row, valid (`known`: how many); no number
+    in `indexes` has a consent entry or a category switched off; no source in `names` is
+    disabled. (That the other numbers and the orders have no row yet, their inserts check.)"""
+    pg = "postgresql"
+    holds = and_(
+        select(func.count())
+        .select_from(recipients)
+        .where(
+            any_of(recipients.c.phone_index, "familiar", pg, single=single),
+            recipients.c.invalid_reason.is_(None),
+        )
+        .scalar_subquery()
+        == bindparam("known"),
+        ~exists().where(any_of(consent_ledger.c.phone_index, "indexes", pg, single=single)),
+        ~exists().where(
+            any_of(preferences.c.phone_index, "indexes", pg, single=single),
+            preferences.c.enabled.is_(False),
+        ),
+        ~exists().where(
+            any_of(sources.c.source, "names", pg, single=single), sources.c.disabled_at.is_not(None)
+        ),
+    )
+    one = literal_column("1")
+    return select(one.op("/")(case((holds, one), else_=literal_column("0"))))
+
+
+_AS_ASSUMED = {single: _as_assumed(single) for single in (False, True)}
+
+
+class _Familiar:
+    """The numbers this process last read as most numbers read: with their recipients row,
+    valid, with no consent entry and no category switched off.
+
+    On PostgreSQL, inside the write transaction, the look-ups are a round trip of their own
+    (with BEGIN). A batch whose orders are all new (`NEW_ORDER`) is worked out without them:
+    its familiar numbers as they were read, its other numbers as new (no row at all), its
+    sources as enabled, its orders as unseen; the writes' round trip first checks what the
+    inserts do not (`_AS_ASSUMED`). A delivery is then one round trip. Where an assumption
+    fails, the batch is read and worked out again, and what that reading finds is kept: a
+    customer who comes back to a process that has not read their number costs a round trip
+    more, once. At most `limit` numbers, the oldest forgotten first."""
+
+    def __init__(self, limit: int = FAMILIAR_NUMBERS):
+        self.limit = limit
+        self._numbers: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, index: str) -> bool:
+        return index in self._numbers
+
+    def learn(self, indexes: list[str], rows: list[Row]) -> None:
+        """What the look-ups of `indexes` returned (`rows`) says of them."""
+        valid = {row.key for row in rows if row.part == "recipient" and row.a is None}
+        unusual = {row.key for row in rows if row.part in ("ledger", "off")}
+        self.met([i for i in indexes if i in valid and i not in unusual])
+        with self._lock:
+            for index in indexes:
+                if index not in valid or index in unusual:
+                    self._numbers.pop(index, None)
+
+    def met(self, indexes: list[str]) -> None:
+        """These numbers are familiar: read so, or stored so by a commit (new ones)."""
+        with self._lock:
+            for index in indexes:
+                self._numbers[index] = None
+                if len(self._numbers) > self.limit:
+                    del self._numbers[next(iter(self._numbers))]
+
+
+def _familiar(runtime: Runtime) -> _Familiar:
+    return runtime.__dict__.setdefault("_ingest_familiar", _Familiar())
+
+
+#: A familiar number, and a new one, as ingest takes them. (It decides nothing on the footer.)
+_FAMILIAR_NUMBER = consent.Number(True, None, None, consent.fold([]), frozenset())
+_NEW_NUMBER = consent.Number(False, None, None, consent.fold([]), frozenset())
+
+
 class _Lookups:
     """What ingest reads about a batch's numbers and sources, fetched once per batch: a
     batch of 100 events costs a few queries instead of a few hundred."""
@@ -324,12 +434,18 @@ class _Lookups:
     def __init__(
         self,
         runtime: Runtime,
-        conn: Connection,
+        conn: Connection | Rehearsal,
         batch: list[Event],
         phones: dict[tuple, tuple[Phone | None, str | None]] | None = None,
+        *,
+        assume: bool = False,
     ):
+        """`assume`: on PostgreSQL, inside the write transaction, a batch of new orders is
+        not read but assumed as `_Familiar` says, and the assumption checked with the
+        writes."""
         self.runtime, self.conn = runtime, conn
         self._phones = dict(phones or {})
+        self._new: list[str] = []  # assumed new numbers (see `forget`)
         indexes = list({runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])})
         orders = list({(e.source, e.order.ref) for e in batch if e.order is not None})
         names = list({e.source for e in batch if e.kind in MESSAGE_KINDS})
@@ -345,8 +461,31 @@ class _Lookups:
         single = all(len(values) <= 1 for values in params.values())
         if single:
             params = {name: values[0] if values else None for name, values in params.items()}
+        # Inside PostgreSQL's write transaction, where the look-ups are a round trip of their own.
+        inside = isinstance(conn, Rehearsal) and conn.in_transaction
+        familiar = _familiar(runtime) if inside and conn.dialect.name == "postgresql" else None
+        if (
+            assume
+            and asked
+            and familiar is not None
+            and all(e.kind == NEW_ORDER for e in batch if e.order is not None)
+        ):
+            self.numbers = {i: _FAMILIAR_NUMBER if i in familiar else _NEW_NUMBER for i in indexes}
+            known = [i for i in indexes if i in familiar]
+            # Once this commits, the new numbers have their valid rows: familiar, unless the
+            # batch records consent for them (`forget`).
+            self._new = [i for i in indexes if i not in familiar]
+            conn.after_commit(partial(familiar.met, self._new))
+            check = {"familiar": known, "known": len(known)}
+            check.update(indexes=params["indexes"], names=params["names"])
+            if single:
+                check["familiar"] = known[0] if known else None
+            conn.assume(_AS_ASSUMED[single], check)
+            return
         lookups = _LOOKUPS[conn.dialect.name, single]
         rows = conn.execute(lookups, params).all() if asked else []
+        if familiar is not None:
+            familiar.learn(indexes, rows)
         self.numbers = consent.numbers_from(indexes, rows)
         for row in rows:
             if row.part == "source":
@@ -385,6 +524,8 @@ class _Lookups:
     def forget(self, index: str | None) -> None:
         """The batch changed what is stored about this number: read it again when asked."""
         self.numbers.pop(index, None)
+        if index in self._new:
+            self._new.remove(index)
 
 
 def _ingest_one(

@@ -132,7 +132,8 @@ class Rehearsal:
     # before the first write need no second look.
     in_transaction: bool = False
     steps: list[_Step] = field(default_factory=list)
-    notes: list[Callable[[], object]] = field(default_factory=list)  # see `log`
+    notes: list[Callable[[], object]] = field(default_factory=list)  # see `after_commit`
+    assumed: bool = False  # worked on what `assume` checks instead of reading it
 
     @property
     def dialect(self):
@@ -167,12 +168,28 @@ class Rehearsal:
         self.steps.append(_Step(sql, params))
         return _BlindResult()
 
+    def assume(self, statement, parameters=None) -> None:
+        """Work on without reading what `statement` checks: held back with the writes, it
+        runs before them when applied, and fails (an error, not rows) where the assumption no
+        longer holds, which takes the transaction back to its savepoint as a conflicting
+        insert does. PostgreSQL only: SQLite's division by zero is NULL, not an error."""
+        if not (self.in_transaction and self.dialect.name == "postgresql"):
+            raise CannotRehearse("an assumption checked by an error needs PostgreSQL")
+        sql, params = for_driver(self.dialect, statement, parameters)
+        self.steps.append(_Step(sql, params))
+        self.assumed = True
+
     def _read(self, sql: str, params):
         driver = self.reader.connection.dbapi_connection
         if self.in_transaction and self.dialect.name == "postgresql":
             with _pipeline(driver, begins=True):  # BEGIN goes in the same round trip
-                return driver.execute(sql, params)
+                return _queued(driver, sql, params)
         return driver.execute(sql, params)
+
+    def after_commit(self, action: Callable[[], object]) -> None:
+        """Run `action` (a log line, a counter) once the work is applied and that commits
+        (`storage.after_commit`); never for work that is run again instead."""
+        self.notes.append(action)
 
     def flush_notes(self, conn: Connection) -> None:
         """The work is applied on `conn`: its notes go out once that commits."""
@@ -216,9 +233,9 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
 def _pipelined(driver, steps: list[_Step]) -> bool:
     """PostgreSQL: all the statements in one round trip (psycopg's pipeline), then checked.
     A delivery is about six statements, each a round trip of its own through SQLAlchemy."""
-    with _pipeline(driver):
-        driver.execute("SAVEPOINT rehearsal")
-        cursors = [driver.execute(step.sql, step.params) for step in steps]
+    with _pipeline(driver, begins=_opens(driver)):
+        _queued(driver, "SAVEPOINT rehearsal")
+        cursors = [_queued(driver, step.sql, step.params) for step in steps]
     return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
 
 
@@ -232,11 +249,11 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
     from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
 
     try:
-        with _pipeline(driver):
-            driver.execute("SAVEPOINT rehearsal")
+        with _pipeline(driver, begins=_opens(driver)):
+            _queued(driver, "SAVEPOINT rehearsal")
             for step in steps:
-                driver.execute(step.strict_sql or step.sql, step.params)
-            driver.execute("COMMIT")
+                _queued(driver, step.strict_sql or step.sql, step.params)
+            _queued(driver, "COMMIT")
     except conn.dialect.loaded_dbapi.Error as exc:
         if driver.info.transaction_status == TransactionStatus.INERROR:
             driver.execute("ROLLBACK TO SAVEPOINT rehearsal")
@@ -248,6 +265,26 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
             "COMMIT", None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost
         ) from exc
     return True
+
+
+def _queued(driver, sql: str, params=None):
+    """A statement into a PostgreSQL pipeline, prepared on the server from its first use.
+
+    psycopg prepares a statement the sixth time it runs, and trusts that it was prepared
+    without waiting for the answer when it was run before (its count says so): in a pipeline
+    that fails at an earlier statement, the server skips that Parse, and every later use of
+    the statement fails ("prepared statement … does not exist"), sending each delivery on
+    that connection down the slow path. Prepared from the first use, psycopg checks the
+    answer to its Parse, and forgets a statement the server skipped."""
+    return driver.execute(sql, params, prepare=True)
+
+
+def _opens(driver) -> bool:
+    """Whether the next statement opens the transaction: nothing was read in it before (the
+    work assumed what it would have read, `Rehearsal.assume`)."""
+    from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
+
+    return driver.info.transaction_status == TransactionStatus.IDLE
 
 
 @contextmanager
@@ -264,11 +301,12 @@ def _pipeline(driver, *, begins: bool = False) -> Iterator[None]:
     and a wake-up of the server) where the Sync already does: here it only sends what the
     Sync's own flush could not.
 
-    `begins`: the pipeline runs one statement, which opens the transaction. psycopg follows
-    its BEGIN with a Sync of its own, which libpq sends at once, and waits for the answer
-    before it sends that statement (a round trip of its own, so that a second statement finds
-    the transaction open); with no second statement, BEGIN goes with the first, and the
-    pipeline's one Sync ends both.
+    `begins`: the pipeline's first statement opens the transaction. psycopg follows its BEGIN
+    with a Sync of its own, which libpq sends at once, and waits for the answer before it
+    sends that statement (a round trip of its own, so that a second statement finds the
+    transaction open). Here BEGIN is queued with the first statement, after which libpq
+    reports the transaction active and psycopg begins none for the statements that follow:
+    the pipeline's one Sync ends them all.
 
     These are psycopg's internals (`command_queue`, `_communicate_gen`, `_exit_gen`,
     `_sync_gen`): a psycopg without them is left to do it its own way."""
@@ -329,6 +367,6 @@ def log(conn, logger: logging.Logger, level: int, msg: str, *args) -> None:
     """Log once `conn`'s work is committed (`storage.after_commit`); for a rehearsal, once
     its work is applied and that commits. Work that is run again must not log twice."""
     if isinstance(conn, Rehearsal):
-        conn.notes.append(functools.partial(logger.log, level, msg, *args))
+        conn.after_commit(functools.partial(logger.log, level, msg, *args))
     else:
         storage_note(conn, logger, level, msg, *args)

@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -236,7 +238,9 @@ def test_a_conflict_committed_while_a_rehearsal_was_applied_is_caught(pg_runtime
 
     assert ingest(pg_runtime, [order()], delivery=("api", "d-1")) is None
 
-    assert rehearsals("redone") == redone + 1
+    # Worked out on assumptions (a new number), then on what the database reads: the
+    # delivery's insert finds the other receiver's row both times.
+    assert rehearsals("redone") == redone + 2
     assert count(pg_runtime, events) == 0 and count(pg_runtime, messages) == 0
 
 
@@ -257,7 +261,9 @@ def test_on_postgresql_the_writes_and_their_commit_go_in_one_round_trip(pg_runti
     [result] = ingest(pg_runtime, [order()], delivery=("api", "d-1"))
 
     assert rehearsals("applied") == applied + 1
-    assert [sql.split()[2] for sql in sent] == [
+    check, *inserts = sent
+    assert check.startswith("SELECT 1 / CASE WHEN")  # what the work assumed (a new number)
+    assert [sql.split()[2] for sql in inserts] == [
         "deliveries",
         "events",
         "recipients",
@@ -653,15 +659,13 @@ def protocol_turns(trace: Path) -> list[tuple[str, str]]:
     return turns
 
 
-def test_on_postgresql_a_delivery_is_two_round_trips_each_sent_whole(pg_runtime, tmp_path):
-    """BEGIN goes with the look-ups, the writes with their COMMIT, and each round trip goes out
-    whole before the server answers any of it, ended by one Sync and nothing after it (psycopg
-    alone sends a statement at a time, waits for BEGIN's answer before the first, syncs after
-    BEGIN and sends a Flush after the Sync): libpq's own trace of the protocol."""
+@contextmanager
+def traced_runtime(config, trace: Path) -> Iterator[Runtime]:
+    """A runtime whose connections write libpq's trace of the protocol (regress mode) to
+    `trace`."""
     from psycopg import pq
 
-    trace = tmp_path / "libpq.trace"
-    engine = storage.make_engine(pg_runtime.config.storage)
+    engine = storage.make_engine(config.storage)
     with open(trace, "w") as out:
 
         @sqlalchemy_event.listens_for(engine, "connect")
@@ -669,22 +673,206 @@ def test_on_postgresql_a_delivery_is_two_round_trips_each_sent_whole(pg_runtime,
             dbapi_conn.pgconn.trace(out.fileno())
             dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
 
-        runtime = Runtime(pg_runtime.config, engine=engine)
+        runtime = Runtime(config, engine=engine)
         try:
-            [result] = ingest(runtime, [order(1)])
+            yield runtime
         finally:
             runtime.close()
+
+
+def protocol_messages(turn: str) -> list[str]:
+    return [line.split("\t")[2] for line in turn.splitlines() if line[:2] == "F\t"]
+
+
+def assert_sent_whole(turn: str) -> None:
+    """The round trip went out whole before the server answered any of it, ended by one Sync
+    and nothing after it (psycopg alone sends a statement at a time, waits for BEGIN's answer
+    before the first, syncs after BEGIN and sends a Flush after the Sync)."""
+    messages = protocol_messages(turn)
+    assert messages.count("Sync") == 1 and messages[-1] == "Sync", messages
+    assert "Flush" not in messages
+
+
+def assert_in_order(text: str, parts: list[str]) -> None:
+    assert [text.index(part) for part in parts] == sorted(text.index(part) for part in parts)
+
+
+def test_on_postgresql_a_delivery_that_reads_is_two_round_trips_each_sent_whole(
+    pg_runtime, tmp_path
+):
+    """An order's later event reads what is stored (the order's context, the number): BEGIN
+    goes with the look-ups, the writes with their COMMIT: libpq's own trace of the protocol."""
+    paid = Event(
+        source="api",
+        kind="order.paid",
+        key="order:1:paid",
+        recipient=Recipient(phone=PHONE, name="Ada"),
+        order=OrderRef("o1"),
+        data={"order": {"number": "#1", "total": "$5.00"}},
+    )
+    with traced_runtime(pg_runtime.config, tmp_path / "libpq.trace") as runtime:
+        [result] = ingest(runtime, [paid])
+
     assert result.messages[0].status == "pending"
-    sent = [text for side, text in protocol_turns(trace) if side == "F"]
+    sent = [text for side, text in protocol_turns(tmp_path / "libpq.trace") if side == "F"]
     assert len(sent) == 3 and "Terminate" in sent[2]  # two round trips, then closing
     looks, writes = sent[:2]
     assert '"BEGIN"' in looks and "SELECT 'recipient' AS part" in looks
-    for sent_whole in (looks, writes):
-        messages = [line.split("\t")[2] for line in sent_whole.splitlines() if line[:2] == "F\t"]
-        assert messages.count("Sync") == 1 and messages[-1] == "Sync", messages
-        assert "Flush" not in messages
-    order_of_writes = ["SAVEPOINT rehearsal", "INSERT INTO events", "INSERT INTO messages"]
-    assert [writes.index(sql) for sql in order_of_writes] == sorted(
-        writes.index(sql) for sql in order_of_writes
+    for turn in (looks, writes):
+        assert_sent_whole(turn)
+    assert_in_order(
+        writes, ["SAVEPOINT rehearsal", "INSERT INTO events", "INSERT INTO messages", '"COMMIT"']
     )
-    assert '"COMMIT"' in writes and writes.index('"COMMIT"') > writes.index("INSERT INTO messages")
+
+
+def new_order(n: int, phone: str | None = PHONE) -> Event:
+    return order(n, phone=phone, order=OrderRef(f"o{n}"))
+
+
+def test_on_postgresql_a_new_order_is_one_round_trip_sent_whole(pg_runtime, tmp_path):
+    """A new order (`order.created`) is worked out on assumptions instead of look-ups: the
+    order unseen, the source enabled, the number new, or as this process last read it. One
+    round trip holds BEGIN, the check of what the inserts cannot check, the inserts, and
+    COMMIT; the number's next order, its number now familiar, too."""
+    with traced_runtime(pg_runtime.config, tmp_path / "libpq.trace") as runtime:
+        first, second = (ingest(runtime, [new_order(n)])[0] for n in (1, 2))
+        familiar = pipeline._familiar(runtime)
+
+    assert [r.messages[0].status for r in (first, second)] == ["pending", "pending"]
+    assert pg_runtime.vault.index("+14155550100") in familiar
+    sent = [text for side, text in protocol_turns(tmp_path / "libpq.trace") if side == "F"]
+    assert len(sent) == 3 and "Terminate" in sent[2]  # one round trip each, then closing
+    for turn in sent[:2]:
+        assert_sent_whole(turn)
+        assert "SELECT 'recipient' AS part" not in turn
+        assert turn.count('"BEGIN"') == 1  # psycopg begins no second one after it
+    # The first statements' text is sent once; the second order binds them by name.
+    assert_in_order(
+        sent[0],
+        [
+            '"BEGIN"',
+            '"SAVEPOINT rehearsal"',
+            '"SELECT 1 / CASE WHEN',
+            "INSERT INTO events",
+            "INSERT INTO order_context",
+            "INSERT INTO recipients",
+            "INSERT INTO messages",
+            '"COMMIT"',
+        ],
+    )
+    # BEGIN, SAVEPOINT, the check, events, order_context, messages, COMMIT: no recipients row
+    # (familiar now), no look-ups.
+    assert protocol_messages(sent[1]).count("Bind") == 7
+
+
+def _opt_out(conn, runtime, index):
+    consent.record(conn, runtime.vault, index, scope="all", action="opt_out", source="reply")
+
+
+def _category_off(conn, runtime, index):
+    consent.set_preference(conn, index, "orders", False)
+
+
+def _marked_invalid(conn, runtime, index):
+    recipients_ = storage.recipients
+    where = recipients_.c.phone_index == index
+    conn.execute(recipients_.update().where(where).values(invalid_reason="invalid_phone"))
+
+
+def _shop_uninstalled(conn, runtime, index):
+    pipeline.set_source_disabled(conn, "api", "uninstalled")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "still_familiar"),
+    [
+        (_opt_out, "opted_out", False),
+        (_category_off, "category_off", False),
+        (_marked_invalid, "invalid_phone", False),
+        (_shop_uninstalled, "source_disabled", True),
+    ],
+)
+def test_on_postgresql_what_another_process_changed_is_decided_on_not_what_was_assumed(
+    pg_runtime, change, reason, still_familiar
+):
+    """A number this process knows as familiar, then changed by another process (a STOP, a
+    preference, a provider's verdict) or its shop uninstalled: the next new order's check
+    fails, the order is read and decided on what the database says, and the number is
+    familiar only if it still is."""
+    index = pg_runtime.vault.index("+14155550100")
+    ingest(pg_runtime, [new_order(1)])
+    assert index in pipeline._familiar(pg_runtime)  # stored new by that commit
+    with pg_runtime.engine.begin() as conn:
+        change(conn, pg_runtime, index)
+    redone, applied = rehearsals("redone"), rehearsals("applied")
+
+    [result] = ingest(pg_runtime, [new_order(2)])
+
+    [decision] = result.messages
+    assert (decision.status, decision.reason) == ("skipped", reason)
+    # Not applied on the assumptions; applied as read (not worked out the slow way).
+    assert (rehearsals("redone"), rehearsals("applied")) == (redone + 1, applied + 1)
+    assert (index in pipeline._familiar(pg_runtime)) is still_familiar
+    [row] = [r for r in message_rows(pg_runtime) if r.id == decision.id]
+    assert (row.status, row.reason) == ("skipped", reason)
+
+
+def test_on_postgresql_a_stop_before_any_order_is_honoured_by_the_first_one(pg_runtime):
+    """A number can say STOP before anything was addressed to it: a ledger entry and no
+    recipients row. Its first order, worked out as a new number's, is still skipped: the
+    check asks the ledger of new numbers too."""
+    index = pg_runtime.vault.index("+14155550100")
+    with pg_runtime.engine.begin() as conn:
+        _opt_out(conn, pg_runtime, index)
+
+    [result] = ingest(pg_runtime, [new_order(1)])
+
+    [decision] = result.messages
+    assert (decision.status, decision.reason) == ("skipped", "opted_out")
+    assert index not in pipeline._familiar(pg_runtime)
+
+
+def test_on_postgresql_a_new_order_another_receiver_stored_first_is_addressed_from_it(pg_runtime):
+    """`order.created` is assumed to be an order not seen yet. Another receiver stored it first
+    (its payment event came first, with the number): the insert of its context fails, and the
+    order is read and worked out again, addressed from what the other stored."""
+    other = Runtime(pg_runtime.config)
+    try:
+        paid = Event(
+            source="api",
+            kind="order.paid",
+            key="order:7:paid",
+            recipient=Recipient(phone=PHONE, name="Ada"),
+            order=OrderRef("o7"),
+            data={"order": {"number": "#7", "total": "$5.00"}},
+        )
+        ingest(other, [paid])
+    finally:
+        other.close()
+    redone = rehearsals("redone")
+
+    [result] = ingest(pg_runtime, [new_order(7, phone=None)])
+
+    [decision] = result.messages
+    assert decision.status == "pending"  # as a new order it would be skipped: unknown_order
+    assert rehearsals("redone") == redone + 1
+
+
+def test_on_postgresql_a_pipeline_that_fails_leaves_no_statement_the_server_never_prepared(
+    pg_runtime,
+):
+    """psycopg prepares a statement on its sixth use and, when that use is in a pipeline that
+    failed at an earlier statement, never learns that the server skipped it: every later
+    delivery on the connection failed with it and was worked out the slow way. Duplicate
+    deliveries (which fail their pipeline at the first insert) between new ones: each new one
+    is still applied at once."""
+    redone, applied = rehearsals("redone"), rehearsals("applied")
+
+    for n in range(1, 13):
+        [result] = ingest(pg_runtime, [new_order(n)], delivery=("api", f"d-{n}"))
+        assert result.messages[0].status == "pending"
+        assert ingest(pg_runtime, [new_order(100 + n)], delivery=("api", f"d-{n}")) is None
+
+    # Each duplicate: on assumptions, then on reads, both refused by its delivery's row.
+    assert rehearsals("redone") == redone + 2 * 12
+    assert rehearsals("applied") == applied + 12
