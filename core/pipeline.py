@@ -349,15 +349,15 @@ FAMILIAR_NUMBERS = 10_000
 
 def _as_assumed(single: bool):
     """A statement that fails (a division by zero) unless what `_Lookups` assumes holds:
-    every number in `familiar` has its recipients row, valid (`known`: how many); no number
-    in `indexes` has a consent entry or a category switched off; no source in `names` is
-    disabled. (That the other numbers and the orders have no row yet, their inserts check.)"""
+    every number in `indexes` has its recipients row, valid (`known`: how many), and has
+    neither a consent entry nor a category switched off; no source in `names` is disabled.
+    (That the orders have no row yet, the inserts of theirs check.)"""
     pg = "postgresql"
     holds = and_(
         select(func.count())
         .select_from(recipients)
         .where(
-            any_of(recipients.c.phone_index, "familiar", pg, single=single),
+            any_of(recipients.c.phone_index, "indexes", pg, single=single),
             recipients.c.invalid_reason.is_(None),
         )
         .scalar_subquery()
@@ -379,17 +379,18 @@ _AS_ASSUMED = {single: _as_assumed(single) for single in (False, True)}
 
 
 class _Familiar:
-    """The numbers this process last read as most numbers read: with their recipients row,
-    valid, with no consent entry and no category switched off.
+    """The numbers this process last read, or stored, as most numbers read: with their
+    recipients row, valid, with no consent entry and no category switched off.
 
     On PostgreSQL, inside the write transaction, the look-ups are a round trip of their own
-    (with BEGIN). A batch whose orders are all new (`NEW_ORDER`) is worked out without them:
-    its familiar numbers as they were read, its other numbers as new (no row at all), its
-    sources as enabled, its orders as unseen; the writes' round trip first checks what the
-    inserts do not (`_AS_ASSUMED`). A delivery is then one round trip. Where an assumption
-    fails, the batch is read and worked out again, and what that reading finds is kept: a
-    customer who comes back to a process that has not read their number costs a round trip
-    more, once. At most `limit` numbers, the oldest forgotten first."""
+    (with BEGIN). A batch of new orders (`NEW_ORDER`) for familiar numbers is worked out
+    without them: its numbers as familiar, its sources as enabled, its orders as unseen; the
+    writes' round trip first checks what the inserts do not (`_AS_ASSUMED`). A delivery is
+    then one round trip. Where the database no longer says so, the batch is read and worked
+    out again, and what that reading finds is kept. A number this process has not met is
+    read: assumed new instead, a returning customer's order on another receiver cost a failed
+    round trip, and under gunicorn that lost more than new customers' orders gained. At most
+    `limit` numbers, the oldest forgotten first."""
 
     def __init__(self, limit: int = FAMILIAR_NUMBERS):
         self.limit = limit
@@ -399,15 +400,18 @@ class _Familiar:
     def __contains__(self, index: str) -> bool:
         return index in self._numbers
 
-    def learn(self, indexes: list[str], rows: list[Row]) -> None:
-        """What the look-ups of `indexes` returned (`rows`) says of them."""
-        valid = {row.key for row in rows if row.part == "recipient" and row.a is None}
+    def learn(self, indexes: list[str], rows: list[Row]) -> set[str]:
+        """Keep the numbers that the look-ups of `indexes` (`rows`) found familiar, forget the
+        others. Returns those with no consent entry and no category off: a number without
+        its row yet becomes familiar once a commit stores it (`met`)."""
         unusual = {row.key for row in rows if row.part in ("ledger", "off")}
-        self.met([i for i in indexes if i in valid and i not in unusual])
+        clean = {index for index in indexes if index not in unusual}
+        valid = {row.key for row in rows if row.part == "recipient" and row.a is None}
+        self.met([index for index in clean if index in valid])
         with self._lock:
-            for index in indexes:
-                if index not in valid or index in unusual:
-                    self._numbers.pop(index, None)
+            for index in set(indexes) - (clean & valid):
+                self._numbers.pop(index, None)
+        return clean
 
     def met(self, indexes: list[str]) -> None:
         """These numbers are familiar: read so, or stored so by a commit (new ones)."""
@@ -422,9 +426,8 @@ def _familiar(runtime: Runtime) -> _Familiar:
     return runtime.__dict__.setdefault("_ingest_familiar", _Familiar())
 
 
-#: A familiar number, and a new one, as ingest takes them. (It decides nothing on the footer.)
+#: A familiar number as ingest takes it. (Ingest decides nothing on the footer.)
 _FAMILIAR_NUMBER = consent.Number(True, None, None, consent.fold([]), frozenset())
-_NEW_NUMBER = consent.Number(False, None, None, consent.fold([]), frozenset())
 
 
 class _Lookups:
@@ -440,12 +443,13 @@ class _Lookups:
         *,
         assume: bool = False,
     ):
-        """`assume`: on PostgreSQL, inside the write transaction, a batch of new orders is
-        not read but assumed as `_Familiar` says, and the assumption checked with the
-        writes."""
+        """`assume`: on PostgreSQL, inside the write transaction, a batch of new orders for
+        familiar numbers is not read but assumed (`_Familiar`), and the assumption checked
+        with the writes."""
         self.runtime, self.conn = runtime, conn
         self._phones = dict(phones or {})
-        self._new: list[str] = []  # assumed new numbers (see `forget`)
+        self._clean: set[str] = set()  # numbers with no consent entry, no category off
+        self._stored: list[str] = []  # of those, the ones this batch gives their row
         indexes = list({runtime.vault.index(p.e164) for e in batch if (p := self.phone(e)[0])})
         orders = list({(e.source, e.order.ref) for e in batch if e.order is not None})
         names = list({e.source for e in batch if e.kind in MESSAGE_KINDS})
@@ -464,28 +468,24 @@ class _Lookups:
         # Inside PostgreSQL's write transaction, where the look-ups are a round trip of their own.
         inside = isinstance(conn, Rehearsal) and conn.in_transaction
         familiar = _familiar(runtime) if inside and conn.dialect.name == "postgresql" else None
+        if familiar is not None:
+            # Once this commits, the numbers it stores are familiar (but see `forget`).
+            conn.after_commit(partial(familiar.met, self._stored))
         if (
             assume
             and asked
             and familiar is not None
+            and all(index in familiar for index in indexes)
             and all(e.kind == NEW_ORDER for e in batch if e.order is not None)
         ):
-            self.numbers = {i: _FAMILIAR_NUMBER if i in familiar else _NEW_NUMBER for i in indexes}
-            known = [i for i in indexes if i in familiar]
-            # Once this commits, the new numbers have their valid rows: familiar, unless the
-            # batch records consent for them (`forget`).
-            self._new = [i for i in indexes if i not in familiar]
-            conn.after_commit(partial(familiar.met, self._new))
-            check = {"familiar": known, "known": len(known)}
-            check.update(indexes=params["indexes"], names=params["names"])
-            if single:
-                check["familiar"] = known[0] if known else None
+            self.numbers = dict.fromkeys(indexes, _FAMILIAR_NUMBER)
+            check = {"indexes": params["indexes"], "names": params["names"], "known": len(indexes)}
             conn.assume(_AS_ASSUMED[single], check)
             return
         lookups = _LOOKUPS[conn.dialect.name, single]
         rows = conn.execute(lookups, params).all() if asked else []
         if familiar is not None:
-            familiar.learn(indexes, rows)
+            self._clean = familiar.learn(indexes, rows)
         self.numbers = consent.numbers_from(indexes, rows)
         for row in rows:
             if row.part == "source":
@@ -515,6 +515,8 @@ class _Lookups:
     def remembered(self, index: str) -> None:
         """The number now has its recipients row."""
         self.numbers[index] = replace(self.number(index), known=True)
+        if index in self._clean:
+            self._stored.append(index)
 
     def source_disabled(self, source: str) -> bool:
         if source not in self.sources:
@@ -524,8 +526,8 @@ class _Lookups:
     def forget(self, index: str | None) -> None:
         """The batch changed what is stored about this number: read it again when asked."""
         self.numbers.pop(index, None)
-        if index in self._new:
-            self._new.remove(index)
+        if index in self._stored:
+            self._stored.remove(index)
 
 
 def _ingest_one(
