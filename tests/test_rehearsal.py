@@ -77,6 +77,22 @@ def order(n: int = 1, phone: str | None = PHONE, **kw) -> Event:
     )
 
 
+def new_order(n: int, phone: str | None = PHONE) -> Event:
+    return order(n, phone=phone, order=OrderRef(f"o{n}"))
+
+
+def paid_order(n: int) -> Event:
+    """A later event of order `n`: what is stored about it is read."""
+    return Event(
+        source="api",
+        kind="order.paid",
+        key=f"order:{n}:paid",
+        recipient=Recipient(phone=PHONE, name="Ada"),
+        order=OrderRef(f"o{n}"),
+        data={"order": {"number": f"#{n}", "total": "$5.00"}},
+    )
+
+
 def rehearsed(runtime, batch, delivery=None) -> _Request:
     """A request as a SQLite receiver serving one at a time makes it: rehearsed already."""
     phones = {(e.recipient.phone, e.recipient.country): _parse_phone(runtime, e) for e in batch}
@@ -698,16 +714,8 @@ def test_on_postgresql_a_delivery_that_reads_is_two_round_trips_each_sent_whole(
 ):
     """An order's later event reads what is stored (the order's context, the number): BEGIN
     goes with the look-ups, the writes with their COMMIT: libpq's own trace of the protocol."""
-    paid = Event(
-        source="api",
-        kind="order.paid",
-        key="order:1:paid",
-        recipient=Recipient(phone=PHONE, name="Ada"),
-        order=OrderRef("o1"),
-        data={"order": {"number": "#1", "total": "$5.00"}},
-    )
     with traced_runtime(pg_runtime.config, tmp_path / "libpq.trace") as runtime:
-        [result] = ingest(runtime, [paid])
+        [result] = ingest(runtime, [paid_order(1)])
 
     assert result.messages[0].status == "pending"
     sent = [text for side, text in protocol_turns(tmp_path / "libpq.trace") if side == "F"]
@@ -719,10 +727,6 @@ def test_on_postgresql_a_delivery_that_reads_is_two_round_trips_each_sent_whole(
     assert_in_order(
         writes, ["SAVEPOINT rehearsal", "INSERT INTO events", "INSERT INTO messages", '"COMMIT"']
     )
-
-
-def new_order(n: int, phone: str | None = PHONE) -> Event:
-    return order(n, phone=phone, order=OrderRef(f"o{n}"))
 
 
 def test_on_postgresql_a_new_order_for_a_familiar_number_is_one_round_trip(pg_runtime, tmp_path):
@@ -822,15 +826,7 @@ def test_on_postgresql_a_new_order_another_receiver_stored_first_is_addressed_fr
     order is read and worked out again, addressed from what the other stored."""
     other = Runtime(pg_runtime.config)
     try:
-        paid = Event(
-            source="api",
-            kind="order.paid",
-            key="order:7:paid",
-            recipient=Recipient(phone=PHONE, name="Ada"),
-            order=OrderRef("o7"),
-            data={"order": {"number": "#7", "total": "$5.00"}},
-        )
-        ingest(other, [paid])
+        ingest(other, [paid_order(7)])
     finally:
         other.close()
     redone = rehearsals("redone")
