@@ -10,7 +10,8 @@ transaction, its reads as they would be (on PostgreSQL the first with BEGIN), an
 are applied together (in one round trip: psycopg's pipeline, each sent in one piece), usually
 with their COMMIT: on PostgreSQL two round trips where a delivery took eight. Reads made there
 before any write need no second look, and no statement goes through SQLAlchemy's per-execute
-work.
+work. What the work can assume instead of reading (`Rehearsal.assume`), a statement checks
+that goes first with the writes: then the whole transaction is one round trip.
 
 A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
 the lock): reads go to the database and are remembered with their rows; writes are remembered,
@@ -270,12 +271,12 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
 def _queued(driver, sql: str, params=None):
     """A statement into a PostgreSQL pipeline, prepared on the server from its first use.
 
-    psycopg prepares a statement the sixth time it runs, and trusts that it was prepared
-    without waiting for the answer when it was run before (its count says so): in a pipeline
-    that fails at an earlier statement, the server skips that Parse, and every later use of
-    the statement fails ("prepared statement … does not exist"), sending each delivery on
-    that connection down the slow path. Prepared from the first use, psycopg checks the
-    answer to its Parse, and forgets a statement the server skipped."""
+    psycopg prepares a statement the sixth time it runs it, and in a pipeline it counts the
+    statement as prepared without looking at the answer to that Parse. In a pipeline that
+    fails at an earlier statement (an insert that finds its row) the server skips the Parse,
+    and every later use of the statement fails ("prepared statement … does not exist"),
+    sending each delivery on that connection down the slow path. A statement prepared on its
+    first use is checked: one the server skipped is forgotten, and prepared again."""
     return driver.execute(sql, params, prepare=True)
 
 
