@@ -856,3 +856,43 @@ def test_on_postgresql_a_pipeline_that_fails_leaves_no_statement_the_server_neve
     # Each duplicate: on assumptions, then on reads, both refused by its delivery's row.
     assert rehearsals("redone") == redone + 2 * 12
     assert rehearsals("applied") == applied + 12
+
+
+def test_on_postgresql_new_orders_that_share_a_commit_are_assumed_and_checked_together(
+    pg_runtime, monkeypatch
+):
+    """Deliveries that share a commit (`-k gthread`, `txsms serve`) are worked out together:
+    one check for all their numbers. One of the three said STOP after it was met: the check
+    fails, the group is read and worked out again, and only that number's order is skipped."""
+    assumed: list = []
+    assuming = Rehearsal.assume
+    monkeypatch.setattr(
+        Rehearsal, "assume", lambda self, *a: assumed.append(a) or assuming(self, *a)
+    )
+    phones = [f"+1 415 555 01{n:02d}" for n in range(3)]
+    for n, phone in enumerate(phones):  # each number met
+        ingest(pg_runtime, [new_order(n, phone=phone)])
+    committer = _committer(pg_runtime)
+
+    def group(first: int) -> list:
+        requests = [
+            rehearsed_inside(pg_runtime, [new_order(first + n, phone=p)])
+            for n, p in enumerate(phones)
+        ]
+        with committer._writing:
+            return [result for [result] in committer._commit(requests)]
+
+    applied, redone = rehearsals("applied"), rehearsals("redone")
+    assert [r.messages[0].status for r in group(10)] == ["pending"] * 3
+    assert (rehearsals("applied"), rehearsals("redone")) == (applied + 1, redone)
+    [(_, check)] = assumed
+    assert sorted(check["indexes"]) == sorted(
+        pg_runtime.vault.index(f"+1415555010{n}") for n in range(3)
+    )
+    with pg_runtime.engine.begin() as conn:
+        _opt_out(conn, pg_runtime, pg_runtime.vault.index("+14155550101"))
+
+    decided = [(r.messages[0].status, r.messages[0].reason) for r in group(20)]
+
+    assert decided == [("pending", None), ("skipped", "opted_out"), ("pending", None)]
+    assert (rehearsals("applied"), rehearsals("redone")) == (applied + 2, redone + 1)
