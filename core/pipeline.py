@@ -17,10 +17,12 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     Row,
     and_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     literal_column,
@@ -348,10 +350,11 @@ FAMILIAR_NUMBERS = 10_000
 
 
 def _as_assumed(single: bool):
-    """A statement that fails (a division by zero) unless what `_Lookups` assumes holds:
-    every number in `indexes` has its recipients row, valid (`known`: how many), and has
-    neither a consent entry nor a category switched off; no source in `names` is disabled.
-    (That the orders have no row yet, the inserts of theirs check.)"""
+    """A statement that fails unless what `_Lookups` assumes holds: every number in `indexes`
+    has its recipients row, valid (`known`: how many), and has neither a consent entry nor a
+    category switched off; no source in `names` is disabled. (That the orders have no row
+    yet, the inserts of theirs check.) It fails by casting `REFUSED` to an integer, which
+    puts what happened in the server's log."""
     pg = "postgresql"
     holds = and_(
         select(func.count())
@@ -371,10 +374,13 @@ def _as_assumed(single: bool):
             any_of(sources.c.source, "names", pg, single=single), sources.c.disabled_at.is_not(None)
         ),
     )
-    one = literal_column("1")
-    return select(one.op("/")(case((holds, one), else_=literal_column("0"))))
+    # The CASE is not a constant, so the server casts only the branch taken, when it runs.
+    refused = literal_column(f"'{REFUSED}'")
+    return select(cast(case((holds, literal_column("'1'")), else_=refused), Integer))
 
 
+#: The error `_AS_ASSUMED` fails with: `invalid input syntax for type integer: "…"`.
+REFUSED = "txsms: assumed look-ups no longer hold"
 _AS_ASSUMED = {single: _as_assumed(single) for single in (False, True)}
 
 

@@ -173,7 +173,8 @@ class Rehearsal:
         """Work on without reading what `statement` checks: held back with the writes, it
         runs before them when applied, and fails (an error, not rows) where the assumption no
         longer holds, which takes the transaction back to its savepoint as a conflicting
-        insert does. PostgreSQL only: SQLite's division by zero is NULL, not an error."""
+        insert does. PostgreSQL only: SQLite converts what it cannot (a division by zero, a
+        cast) to a value, never an error."""
         if not (self.in_transaction and self.dialect.name == "postgresql"):
             raise CannotRehearse("an assumption checked by an error needs PostgreSQL")
         sql, params = for_driver(self.dialect, statement, parameters)
