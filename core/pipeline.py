@@ -429,7 +429,10 @@ class _Familiar:
 
 
 def _familiar(runtime: Runtime) -> _Familiar:
-    return runtime.__dict__.setdefault("_ingest_familiar", _Familiar())
+    familiar = runtime.__dict__.get("_ingest_familiar")
+    if familiar is None:  # (setdefault would build one, lock and all, for every delivery)
+        familiar = runtime.__dict__.setdefault("_ingest_familiar", _Familiar())
+    return familiar
 
 
 #: A familiar number as ingest takes it. (Ingest decides nothing on the footer.)

@@ -234,8 +234,9 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
 
 def _pipelined(driver, steps: list[_Step]) -> bool:
     """PostgreSQL: all the statements in one round trip (psycopg's pipeline), then checked.
-    A delivery is about six statements, each a round trip of its own through SQLAlchemy."""
-    with _pipeline(driver, begins=_opens(driver)):
+    A delivery is about six statements, each a round trip of its own through SQLAlchemy.
+    (A read among them opened the transaction when it was rehearsed: no BEGIN to send.)"""
+    with _pipeline(driver):
         _queued(driver, "SAVEPOINT rehearsal")
         cursors = [_queued(driver, step.sql, step.params) for step in steps]
     return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
