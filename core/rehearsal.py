@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 
+from txsms.core import libpq
 from txsms.core.storage import INSERT_IGNORE, after_commit, for_driver
 from txsms.core.storage import note as storage_note
 
@@ -227,7 +228,7 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
     except conn.dialect.loaded_dbapi.Error:  # a write that fails: it fails again for real
         applied = False
     if not applied:
-        driver.execute("ROLLBACK TO SAVEPOINT rehearsal")
+        _back_to_savepoint(conn, driver)
     # An applied one keeps its savepoint until the commit: no round trip more.
     return applied
 
@@ -252,15 +253,19 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
     from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
 
     try:
-        # One cursor for all: no result of theirs is read, and a cursor each costs 3 to 5 µs.
-        with driver.cursor() as cursor, _pipeline(driver, begins=_opens(driver)):
-            _queued(cursor, "SAVEPOINT rehearsal")
-            for step in steps:
-                _queued(cursor, step.strict_sql or step.sql, step.params)
-            _queued(cursor, "COMMIT")
+        statements = [
+            ("SAVEPOINT rehearsal", None),
+            *((step.strict_sql or step.sql, step.params) for step in steps),
+            ("COMMIT", None),
+        ]
+        if not libpq.sent(conn, statements, begins=_opens(driver)):
+            # One cursor for all: no result of theirs is read, and a cursor each costs 3-5 µs.
+            with driver.cursor() as cursor, _pipeline(driver, begins=_opens(driver)):
+                for sql, params in statements:
+                    _queued(cursor, sql, params)
     except conn.dialect.loaded_dbapi.Error as exc:
         if driver.info.transaction_status == TransactionStatus.INERROR:
-            driver.execute("ROLLBACK TO SAVEPOINT rehearsal")
+            _back_to_savepoint(conn, driver)
             return False
         lost = conn.dialect.is_disconnect(exc, driver, None)
         if lost:
@@ -269,6 +274,15 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
             "COMMIT", None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost
         ) from exc
     return True
+
+
+def _back_to_savepoint(conn: Connection, driver) -> None:
+    """Undo what was applied since the savepoint. On PostgreSQL not through psycopg, which on
+    seeing a ROLLBACK's answer deallocates every statement prepared on the session, those
+    `libpq` prepared too."""
+    sql = "ROLLBACK TO SAVEPOINT rehearsal"
+    if conn.dialect.name != "postgresql" or not libpq.sent(conn, [(sql, None)], begins=False):
+        driver.execute(sql)
 
 
 def _queued(executor, sql: str, params=None):

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, NoResultFound
 from test_scaleout import _healthy
 from test_serve import free_port
 
-from txsms.core import consent, pipeline, storage
+from txsms.core import consent, libpq, pipeline, storage
 from txsms.core import rehearsal as core_rehearsal
 from txsms.core.events import Event, OrderRef, Recipient
 from txsms.core.pipeline import _committer, _parse_phone, _rehearse_outside, _Request, ingest
@@ -896,3 +896,46 @@ def test_on_postgresql_new_orders_that_share_a_commit_are_assumed_and_checked_to
 
     assert decided == [("pending", None), ("skipped", "opted_out"), ("pending", None)]
     assert (rehearsals("applied"), rehearsals("redone")) == (applied + 2, redone + 1)
+
+
+def test_on_postgresql_statements_the_session_lost_cost_one_delivery_a_second_look(pg_runtime):
+    """psycopg deallocates every statement prepared on the session when it sees a rollback
+    while it has some of its own prepared (a pooler between may do it too), those the writes
+    are bound to (`core/libpq.py`) with them. The next new order's round trip fails on one:
+    it is read, decided and stored all the same, and the order after it is one round trip
+    again."""
+    ingest(pg_runtime, [new_order(1)])
+    ingest(pg_runtime, [new_order(2)])  # the number familiar: on assumptions
+    committer = _committer(pg_runtime)
+    with committer._writing, committer._begin() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")
+    redone, applied = rehearsals("redone"), rehearsals("applied")
+
+    [result] = ingest(pg_runtime, [new_order(3)])
+
+    assert result.messages[0].status == "pending"
+    assert (rehearsals("redone"), rehearsals("applied")) == (redone + 1, applied + 1)
+    [result] = ingest(pg_runtime, [new_order(4)])
+    assert (rehearsals("redone"), rehearsals("applied")) == (redone + 1, applied + 2)
+    assert count(pg_runtime, events) == 4 and len(message_rows(pg_runtime)) == 4
+
+
+def test_on_postgresql_without_psycopgs_internals_the_writes_go_through_its_cursor(
+    pg_runtime, monkeypatch
+):
+    """`core/libpq.py` leans on psycopg internals; a psycopg without them still gets each new
+    order's writes and COMMIT in one round trip, through its own pipeline and cursor."""
+    monkeypatch.setattr(libpq, "PostgresQuery", None)
+    ingest(pg_runtime, [new_order(1)])
+    applied, redone = rehearsals("applied"), rehearsals("redone")
+
+    [result] = ingest(pg_runtime, [new_order(2)])  # familiar: the writes alone, checked
+    ingest(pg_runtime, [new_order(1)])  # a duplicate: fails, is read, and stays one
+
+    assert result.messages[0].status == "pending"
+    assert (rehearsals("applied"), rehearsals("redone")) == (applied + 1, redone + 2)
+    assert count(pg_runtime, events) == 2
+    committer = _committer(pg_runtime)
+    with committer._writing, committer._begin() as conn:  # the session the writes went on
+        prepared = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars()
+        assert not [name for name in prepared if name.startswith("txsms_")]
