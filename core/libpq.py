@@ -1,13 +1,15 @@
-"""Statements whose results nobody reads, sent to PostgreSQL in one round trip through libpq.
+"""Statements sent to PostgreSQL in one round trip, through libpq itself.
 
-A new order's writes and their COMMIT (`rehearsal._committed`) are one round trip, and the
-client's work around it cost more than the server's: psycopg's pipeline and cursors take
-about 110 µs to enter and leave and 16 µs a statement in Python (seven statements and COMMIT:
-280 µs of CPU, against 100 µs straight through libpq). Here the statements go to libpq
-itself (psycopg's `pgconn`): the values adapted by psycopg's own `Transformer`, each
-statement prepared on the server the first time the session sends it, and every answer read
-and checked for an error. In process, a Shopify delivery on PostgreSQL took 1.57-1.59 ms of
-CPU through psycopg's cursor and 1.39-1.41 ms this way (batches of 250, alternated).
+On PostgreSQL a delivery is one or two round trips (`rehearsal`): its look-ups with BEGIN,
+then its writes with COMMIT (a new order for a number met before: the writes alone). The
+client's work around each cost more than the server's: psycopg's pipeline and cursor take
+about 110 µs to enter and leave and 16 µs a statement in Python (seven statements and
+COMMIT: 280 µs of CPU, against 100 µs straight through libpq). Here the statements go to
+libpq (psycopg's `pgconn`): the values adapted, and the rows loaded, by psycopg's own
+`Transformer`; each statement prepared on the server the first time the session sends it;
+every answer read and checked for an error. In process, a Shopify delivery took about a
+tenth less CPU (alternated batches of 250: 1.58 -> 1.40 ms writing alone, 3.49 -> 3.12 ms
+reading first, on a machine slowed down by then).
 
 What psycopg would keep track of is kept here, per connection (SQLAlchemy's
 `connection.info`, which lives as long as the driver's connection): the names of the
@@ -15,10 +17,10 @@ statements prepared on its session. A prepare counts once its answer says it ran
 server skipped (an earlier statement failed) is sent again next time. Statements the session
 lost (psycopg deallocates all on a rollback while it has its own prepared, a pooler between
 may too) fail the next round trip: the names are then forgotten, and the caller's error path
-runs as for any failed write.
+runs as for any failed statement.
 
 This leans on psycopg's internals (`psycopg._queries.PostgresQuery`, its generators): without
-them `sent` returns False and the caller goes through psycopg's cursor.
+them `sent` and `read` return False and None, and the caller goes through psycopg's cursor.
 """
 
 from __future__ import annotations
@@ -66,8 +68,29 @@ def sent(conn, statements: list[tuple[str, Any]], *, begins: bool) -> bool:
     driver connection in one round trip, BEGIN first if `begins`, and read every answer.
     Raises the first statement's error (psycopg's exception, as its cursor would); False,
     with nothing sent, where psycopg lacks what this needs."""
+    return _run(conn, statements, begins) is not None
+
+
+def read(conn, sql: str, params, *, begins: bool) -> tuple[list[tuple], tuple[int, ...]] | None:
+    """A SELECT in one round trip (BEGIN first if `begins`): its rows as psycopg's cursor
+    hands them (tuples of Python values), and its columns' type OIDs (the cursor's
+    `description` type codes). Raises as `sent`; None where psycopg lacks what this needs."""
+    if (answers := _run(conn, [(sql, params)], begins)) is None:
+        return None
+    [result] = answers
+    transformer = conn.connection.info[_SESSION].transformer
+    transformer.set_pgresult(result)
+    try:
+        rows = transformer.load_rows(0, result.ntuples, tuple)
+    finally:
+        transformer.set_pgresult(None)
+    return rows, tuple(result.ftype(i) for i in range(result.nfields))
+
+
+def _run(conn, statements: list[tuple[str, Any]], begins: bool) -> list | None:
+    """The round trip of `sent` and `read`: the last statement's answers."""
     if PostgresQuery is None:
-        return False
+        return None
     driver = conn.connection.dbapi_connection
     session = conn.connection.info.get(_SESSION)
     if session is None:
@@ -78,12 +101,12 @@ def sent(conn, statements: list[tuple[str, Any]], *, begins: bool) -> bool:
     for sql, params in statements:
         batch.append(_adapted(session, naming, sql, params))
     with driver.lock:
-        error = _round_trip(driver, session, batch)
+        error, answers = _round_trip(driver, session, batch)
     if error is not None:
         if error.sqlstate == _NO_SUCH_STATEMENT:
             session.prepared.clear()
         raise error
-    return True
+    return answers
 
 
 def _adapted(session: _Session, naming: dict[tuple, bytes], sql: str, params) -> _Statement:
@@ -100,9 +123,12 @@ def _adapted(session: _Session, naming: dict[tuple, bytes], sql: str, params) ->
     return statement
 
 
-def _round_trip(driver, session: _Session, batch: list[_Statement]):
-    """Send `batch` in pipeline mode with one Sync; the first error among the answers (the
-    statements after it are skipped by the server), or None."""
+def _round_trip(
+    driver, session: _Session, batch: list[_Statement]
+) -> tuple[Exception | None, list]:
+    """Send `batch` in pipeline mode with one Sync: the first error among the answers (the
+    statements after it are skipped by the server) or None, and the last statement's
+    answers."""
     pgconn = driver.pgconn
     pgconn.enter_pipeline_mode()
     try:
@@ -115,14 +141,15 @@ def _round_trip(driver, session: _Session, batch: list[_Statement]):
                 pgconn.send_query_prepared(s.name, s.params, s.formats)
         pgconn.pipeline_sync()
         driver.wait(send(pgconn))
-        errors = []
+        errors, answers = [], []
         for s in batch:
             if s.prepare:
                 prepared = driver.wait(fetch_many(pgconn))
                 errors += _failed(driver, prepared)
                 if _ran(prepared):
                     session.prepared[s.query, s.types] = s.name
-            errors += _failed(driver, driver.wait(fetch_many(pgconn)))
+            answers = driver.wait(fetch_many(pgconn))
+            errors += _failed(driver, answers)
         driver.wait(fetch_many(pgconn))  # the Sync's own answer
     except BaseException:
         # Answers left unread (the connection lost, the thread interrupted): the connection
@@ -130,7 +157,7 @@ def _round_trip(driver, session: _Session, batch: list[_Statement]):
         driver.close()
         raise
     pgconn.exit_pipeline_mode()
-    return errors[0] if errors else None
+    return (errors[0] if errors else None), answers
 
 
 def _failed(driver, results) -> list[Exception]:

@@ -7,11 +7,12 @@ holds that lock for its whole transaction, so the time a transaction spends in P
 PostgreSQL has no such lock, but there each statement is a round trip. There, and where one
 writer thread commits the requests of a process in groups, the rehearsal runs inside the write
 transaction, its reads as they would be (on PostgreSQL the first with BEGIN), and its writes
-are applied together (in one round trip: psycopg's pipeline, each sent in one piece), usually
-with their COMMIT: on PostgreSQL two round trips where a delivery took eight. Reads made there
-before any write need no second look, and no statement goes through SQLAlchemy's per-execute
-work. What the work can assume instead of reading (`Rehearsal.assume`), a statement checks
-that goes first with the writes: then the whole transaction is one round trip.
+are applied together, usually with their COMMIT: on PostgreSQL two round trips where a
+delivery took eight, each straight through libpq (`core/libpq.py`; psycopg's pipeline, sent in
+one piece, where that cannot). Reads made there before any write need no second look, and no
+statement goes through SQLAlchemy's per-execute work. What the work can assume instead of
+reading (`Rehearsal.assume`), a statement checks that goes first with the writes: then the
+whole transaction is one round trip.
 
 A `Rehearsal` stands in for the connection while the unit of work runs (on SQLite without
 the lock): reads go to the database and are remembered with their rows; writes are remembered,
@@ -149,12 +150,10 @@ class Rehearsal:
         except ValueError as exc:
             raise CannotRehearse(str(exc)) from exc
         if statement.is_select:  # read straight from the driver too: no second compile
-            cursor = self._read(sql, params)
-            rows = cursor.fetchall()
+            rows, codes = self._read(sql, params)
             written = any(step.rows is None for step in self.steps)
             again = written or not self.in_transaction
             self.steps.append(_Step(sql, params, rows=rows, again=again))
-            codes = tuple(column[1] for column in cursor.description)
             return _Rows(_reading(self.dialect, statement, codes), rows)
         if (strict := statement.get_execution_options().get(INSERT_IGNORE)) is not None:
             strict_sql = None
@@ -182,12 +181,19 @@ class Rehearsal:
         self.steps.append(_Step(sql, params))
         self.assumed = True
 
-    def _read(self, sql: str, params):
+    def _read(self, sql: str, params) -> tuple[list[tuple], tuple]:
+        """The rows and the columns' type codes, read at once (on SQLite a later write would
+        show in rows still to be fetched)."""
         driver = self.reader.connection.dbapi_connection
         if self.in_transaction and self.dialect.name == "postgresql":
-            with _pipeline(driver, begins=True):  # BEGIN goes in the same round trip
-                return _queued(driver, sql, params)
-        return driver.execute(sql, params)
+            # BEGIN goes in the same round trip
+            if (read := libpq.read(self.reader, sql, params, begins=_opens(driver))) is not None:
+                return read
+            with _pipeline(driver, begins=True):
+                cursor = _queued(driver, sql, params)
+        else:
+            cursor = driver.execute(sql, params)
+        return cursor.fetchall(), tuple(column[1] for column in cursor.description)
 
     def after_commit(self, action: Callable[[], object]) -> None:
         """Run `action` (a log line, a counter) once the work is applied and that commits

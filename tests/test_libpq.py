@@ -5,6 +5,8 @@ what the module believes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -134,3 +136,32 @@ def test_a_connection_lost_mid_round_trip_is_closed_and_raised(conn):
     assert driver.closed  # no one uses it again: SQLAlchemy takes it for a disconnect
     assert conn.dialect.is_disconnect(lost.value, driver, None)
     conn.invalidate()
+
+
+def test_a_read_hands_back_what_psycopgs_cursor_would(conn):
+    send(conn, (INSERT_A, {"n": 1, "s": "Ada", "f": 0.5, "b": b"\x01"}))
+    send(conn, (INSERT_A, {"n": 2, "s": None, "f": None, "b": None}))
+    inserts = on_server(conn)
+    query = (
+        "SELECT n, s, f, b, n > %(n)s AS big, CAST(n AS numeric) / 4 AS quarter,"
+        " now() - now() AS gap FROM a WHERE n >= %(n)s ORDER BY n"
+    )
+
+    with conn.begin():
+        read = libpq.read(conn, query, {"n": 1}, begins=True)
+        again = libpq.read(conn, query, {"n": 2}, begins=False)  # in the same transaction
+    with conn.begin():
+        cursor = conn.connection.dbapi_connection.execute(query, {"n": 1})
+        expected = (cursor.fetchall(), tuple(column[1] for column in cursor.description))
+
+    assert read == expected
+    assert read[0][0] == (1, "Ada", 0.5, b"\x01", False, Decimal("0.25"), timedelta(0))
+    assert again[0] == [(2, None, None, None, False, Decimal("0.5"), timedelta(0))]
+    assert len(on_server(conn) - inserts) == 1  # prepared once, then bound by name
+
+
+def test_a_read_that_fails_raises_its_error(conn):
+    with pytest.raises(psycopg.errors.UndefinedTable), conn.begin():
+        libpq.read(conn, "SELECT * FROM nowhere WHERE n = %(n)s", {"n": 1}, begins=True)
+
+    assert rows(conn, "a") == []  # the connection still serves
