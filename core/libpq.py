@@ -1,7 +1,8 @@
 """Statements sent to PostgreSQL in one round trip, through libpq itself.
 
-On PostgreSQL a delivery is one or two round trips (`rehearsal`): its look-ups with BEGIN,
-then its writes with COMMIT (a new order for a number met before: the writes alone). The
+On PostgreSQL a delivery is one or two round trips (`rehearsal`): its look-ups with BEGIN
+(`read`), then its writes with COMMIT (`sent`; a new order for a number met before: the
+writes alone; deliveries that share a commit: their writes and the reads to check, `rows`). The
 client's work around each cost more than the server's: psycopg's pipeline and cursor take
 about 110 µs to enter and leave and 16 µs a statement in Python (seven statements and
 COMMIT: 280 µs of CPU, against 100 µs straight through libpq). Here the statements go to
@@ -20,7 +21,7 @@ may too) fail the next round trip: the names are then forgotten, and the caller'
 runs as for any failed statement.
 
 This leans on psycopg's internals (`psycopg._queries.PostgresQuery`, its generators): without
-them `sent` and `read` return False and None, and the caller goes through psycopg's cursor.
+them `sent` returns False (`read` and `rows` None), and the caller goes through psycopg.
 """
 
 from __future__ import annotations
@@ -75,20 +76,33 @@ def read(conn, sql: str, params, *, begins: bool) -> tuple[list[tuple], tuple[in
     """A SELECT in one round trip (BEGIN first if `begins`): its rows as psycopg's cursor
     hands them (tuples of Python values), and its columns' type OIDs (the cursor's
     `description` type codes). Raises as `sent`; None where psycopg lacks what this needs."""
-    if (answers := _run(conn, [(sql, params)], begins)) is None:
+    if (results := _run(conn, [(sql, params)], begins)) is None:
         return None
-    [result] = answers
-    transformer = conn.connection.info[_SESSION].transformer
-    transformer.set_pgresult(result)
-    try:
-        rows = transformer.load_rows(0, result.ntuples, tuple)
-    finally:
-        transformer.set_pgresult(None)
+    [result] = results
+    rows = _rows(conn, result)
     return rows, tuple(result.ftype(i) for i in range(result.nfields))
 
 
+def rows(conn, statements: list[tuple[str, Any]], *, begins: bool) -> list[list[tuple]] | None:
+    """As `sent`, and the rows each statement returned (none for most writes)."""
+    if (results := _run(conn, statements, begins)) is None:
+        return None
+    return [_rows(conn, result) for result in results]
+
+
+def _rows(conn, result) -> list[tuple]:
+    if not result.ntuples:
+        return []
+    transformer = conn.connection.info[_SESSION].transformer
+    transformer.set_pgresult(result)
+    try:
+        return transformer.load_rows(0, result.ntuples, tuple)
+    finally:
+        transformer.set_pgresult(None)
+
+
 def _run(conn, statements: list[tuple[str, Any]], begins: bool) -> list | None:
-    """The round trip of `sent` and `read`: the last statement's answers."""
+    """The round trip: each statement's result (BEGIN's not among them)."""
     if PostgresQuery is None:
         return None
     driver = conn.connection.dbapi_connection
@@ -101,12 +115,12 @@ def _run(conn, statements: list[tuple[str, Any]], begins: bool) -> list | None:
     for sql, params in statements:
         batch.append(_adapted(session, naming, sql, params))
     with driver.lock:
-        error, answers = _round_trip(driver, session, batch)
+        error, results = _round_trip(driver, session, batch)
     if error is not None:
         if error.sqlstate == _NO_SUCH_STATEMENT:
             session.prepared.clear()
         raise error
-    return answers
+    return results[1:] if begins else results
 
 
 def _adapted(session: _Session, naming: dict[tuple, bytes], sql: str, params) -> _Statement:
@@ -127,8 +141,7 @@ def _round_trip(
     driver, session: _Session, batch: list[_Statement]
 ) -> tuple[Exception | None, list]:
     """Send `batch` in pipeline mode with one Sync: the first error among the answers (the
-    statements after it are skipped by the server) or None, and the last statement's
-    answers."""
+    statements after it are skipped by the server) or None, and each statement's result."""
     pgconn = driver.pgconn
     pgconn.enter_pipeline_mode()
     try:
@@ -141,15 +154,16 @@ def _round_trip(
                 pgconn.send_query_prepared(s.name, s.params, s.formats)
         pgconn.pipeline_sync()
         driver.wait(send(pgconn))
-        errors, answers = [], []
+        errors, results = [], []
         for s in batch:
             if s.prepare:
                 prepared = driver.wait(fetch_many(pgconn))
                 errors += _failed(driver, prepared)
                 if _ran(prepared):
                     session.prepared[s.query, s.types] = s.name
-            answers = driver.wait(fetch_many(pgconn))
+            answers = driver.wait(fetch_many(pgconn))  # one result (or the error, or skipped)
             errors += _failed(driver, answers)
+            results.append(answers[-1])
         driver.wait(fetch_many(pgconn))  # the Sync's own answer
     except BaseException:
         # Answers left unread (the connection lost, the thread interrupted): the connection
@@ -157,7 +171,7 @@ def _round_trip(
         driver.close()
         raise
     pgconn.exit_pipeline_mode()
-    return (errors[0] if errors else None), answers
+    return (errors[0] if errors else None), results
 
 
 def _failed(driver, results) -> list[Exception]:

@@ -227,10 +227,12 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
         return _committed(conn, driver, steps)
     try:
         if postgresql:
-            applied = _pipelined(driver, steps)
+            applied = _pipelined(conn, driver, steps)
         else:
             driver.execute("SAVEPOINT rehearsal")
-            applied = all(_as_rehearsed(s, driver.execute(s.sql, s.params)) for s in steps)
+            applied = all(
+                _as_rehearsed(s, _outcome(s, driver.execute(s.sql, s.params))) for s in steps
+            )
     except conn.dialect.loaded_dbapi.Error:  # a write that fails: it fails again for real
         applied = False
     if not applied:
@@ -239,14 +241,15 @@ def apply(conn: Connection, rehearsals: list[Rehearsal], *, commit: bool = False
     return applied
 
 
-def _pipelined(driver, steps: list[_Step]) -> bool:
-    """PostgreSQL: all the statements in one round trip (psycopg's pipeline), then checked.
-    A delivery is about six statements, each a round trip of its own through SQLAlchemy.
-    (A read among them opened the transaction when it was rehearsed: no BEGIN to send.)"""
-    with _pipeline(driver):
-        _queued(driver, "SAVEPOINT rehearsal")
-        cursors = [_queued(driver, step.sql, step.params) for step in steps]
-    return all(_as_rehearsed(s, c) for s, c in zip(steps, cursors, strict=True))
+def _pipelined(conn: Connection, driver, steps: list[_Step]) -> bool:
+    """PostgreSQL: all the statements in one round trip, then checked. A delivery is about
+    six statements, each a round trip of its own through SQLAlchemy."""
+    statements = [("SAVEPOINT rehearsal", None), *((step.sql, step.params) for step in steps)]
+    if (found := libpq.rows(conn, statements, begins=_opens(driver))) is not None:
+        return all(_as_rehearsed(s, rows) for s, rows in zip(steps, found[1:], strict=True))
+    with _pipeline(driver):  # (a read among them opened the transaction: no BEGIN to send)
+        cursors = [_queued(driver, sql, params) for sql, params in statements]
+    return all(_as_rehearsed(s, _outcome(s, c)) for s, c in zip(steps, cursors[1:], strict=True))
 
 
 def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
@@ -378,13 +381,18 @@ def _nothing() -> Iterator[None]:
     yield  # a generator, as the method it stands in for
 
 
-def _as_rehearsed(step: _Step, cursor) -> bool:
-    """The statement's outcome is what the rehearsal assumed. (A read is fetched at once:
-    on SQLite a later write would show in rows still to be fetched.)"""
+def _outcome(step: _Step, cursor) -> list:
+    """What `_as_rehearsed` needs of a cursor: the rows of a read or an insert-if-absent,
+    fetched at once (on SQLite a later write would show in rows still to be fetched)."""
+    return cursor.fetchall() if step.rows is not None or step.inserts else []
+
+
+def _as_rehearsed(step: _Step, rows: list) -> bool:
+    """The statement's outcome (`rows`, what it returned) is what the rehearsal assumed."""
     if step.rows is not None:
-        return cursor.fetchall() == step.rows
+        return rows == step.rows
     if step.inserts:
-        return cursor.fetchone() is not None
+        return bool(rows)  # an insert-if-absent returns its row when it inserts
     return True
 
 

@@ -165,3 +165,23 @@ def test_a_read_that_fails_raises_its_error(conn):
         libpq.read(conn, "SELECT * FROM nowhere WHERE n = %(n)s", {"n": 1}, begins=True)
 
     assert rows(conn, "a") == []  # the connection still serves
+
+
+def test_each_statement_hands_back_its_rows(conn):
+    send(conn, (INSERT_B, {"n": 1}))
+    insert_if_absent = "INSERT INTO b (n) VALUES (%(n)s) ON CONFLICT DO NOTHING RETURNING 1"
+
+    with conn.begin():
+        found = libpq.rows(
+            conn,
+            [
+                (insert_if_absent, {"n": 1}),  # there already: nothing inserted, no row
+                (insert_if_absent, {"n": 2}),
+                ("SELECT n FROM b WHERE n >= %(n)s ORDER BY n", {"n": 1}),
+                (INSERT_B, {"n": 3}),
+            ],
+            begins=True,
+        )
+
+    assert found == [[], [(1,)], [(1,), (2,)], []]
+    assert rows(conn, "b") == [(1,), (2,), (3,)]
