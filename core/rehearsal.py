@@ -8,8 +8,8 @@ PostgreSQL has no such lock, but there each statement is a round trip. There, an
 writer thread commits the requests of a process in groups, the rehearsal runs inside the write
 transaction, its reads as they would be (on PostgreSQL the first with BEGIN), and its writes
 are applied together, usually with their COMMIT: on PostgreSQL two round trips where a
-delivery took eight, each straight through libpq (`core/libpq.py`; psycopg's pipeline, sent in
-one piece, where that cannot). Reads made there before any write need no second look, and no
+delivery took eight, each straight through libpq (`core/libpq.py`; psycopg's own pipeline
+where that cannot). Reads made there before any write need no second look, and no
 statement goes through SQLAlchemy's per-execute work. What the work can assume instead of
 reading (`Rehearsal.assume`), a statement checks that goes first with the writes: then the
 whole transaction is one round trip.
@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import deque, namedtuple
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,16 +182,13 @@ class Rehearsal:
 
     def _read(self, sql: str, params) -> tuple[list[tuple], tuple]:
         """The rows and the columns' type codes, read at once (on SQLite a later write would
-        show in rows still to be fetched)."""
+        show in rows still to be fetched). On PostgreSQL inside the transaction, BEGIN goes
+        in the same round trip (`core/libpq.py`)."""
         driver = self.reader.connection.dbapi_connection
-        if self.in_transaction and self.dialect.name == "postgresql":
-            # BEGIN goes in the same round trip
-            if (read := libpq.read(self.reader, sql, params, begins=_opens(driver))) is not None:
-                return read
-            with _pipeline(driver, begins=True):
-                cursor = _queued(driver, sql, params)
-        else:
-            cursor = driver.execute(sql, params)
+        inside = self.in_transaction and self.dialect.name == "postgresql"
+        if inside and (read := libpq.read(self.reader, sql, params, begins=_opens(driver))):
+            return read
+        cursor = driver.execute(sql, params)
         return cursor.fetchall(), tuple(column[1] for column in cursor.description)
 
     def after_commit(self, action: Callable[[], object]) -> None:
@@ -247,7 +243,7 @@ def _pipelined(conn: Connection, driver, steps: list[_Step]) -> bool:
     statements = [("SAVEPOINT rehearsal", None), *((step.sql, step.params) for step in steps)]
     if (found := libpq.rows(conn, statements, begins=_opens(driver))) is not None:
         return all(_as_rehearsed(s, rows) for s, rows in zip(steps, found[1:], strict=True))
-    with _pipeline(driver):  # (a read among them opened the transaction: no BEGIN to send)
+    with driver.pipeline():
         cursors = [_queued(driver, sql, params) for sql, params in statements]
     return all(_as_rehearsed(s, _outcome(s, c)) for s, c in zip(steps, cursors[1:], strict=True))
 
@@ -269,7 +265,7 @@ def _committed(conn: Connection, driver, steps: list[_Step]) -> bool:
         ]
         if not libpq.sent(conn, statements, begins=_opens(driver)):
             # One cursor for all: no result of theirs is read, and a cursor each costs 3-5 µs.
-            with driver.cursor() as cursor, _pipeline(driver, begins=_opens(driver)):
+            with driver.cursor() as cursor, driver.pipeline():
                 for sql, params in statements:
                     _queued(cursor, sql, params)
     except conn.dialect.loaded_dbapi.Error as exc:
@@ -295,8 +291,8 @@ def _back_to_savepoint(conn: Connection, driver) -> None:
 
 
 def _queued(executor, sql: str, params=None):
-    """A statement into a PostgreSQL pipeline (through a psycopg connection or cursor),
-    prepared on the server from its first use.
+    """A statement into psycopg's pipeline (through a connection or a cursor), where
+    `core/libpq.py` cannot be used, prepared on the server from its first use.
 
     psycopg prepares a statement the sixth time it runs it, and in a pipeline it counts the
     statement as prepared without looking at the answer to that Parse. In a pipeline that
@@ -313,72 +309,6 @@ def _opens(driver) -> bool:
     from psycopg.pq import TransactionStatus  # PostgreSQL only: psycopg is there
 
     return driver.info.transaction_status == TransactionStatus.IDLE
-
-
-@contextmanager
-def _pipeline(driver, *, begins: bool = False) -> Iterator[None]:
-    """psycopg's pipeline, sent in one piece.
-
-    psycopg writes each statement to the socket as soon as it is queued: a system call each,
-    and as many wake-ups of the server, where the statements of one round trip can go out
-    together. Here they are only queued (in libpq's buffer, the connection being in pipeline
-    mode and non-blocking) and go out with the Sync that ends the pipeline; the results come
-    back and are read as psycopg reads them.
-
-    psycopg then asks the server to flush its answers (a Flush message, a system call more
-    and a wake-up of the server) where the Sync already does: here it only sends what the
-    Sync's own flush could not.
-
-    `begins`: the pipeline's first statement opens the transaction. psycopg follows its BEGIN
-    with a Sync of its own, which libpq sends at once, and waits for the answer before it
-    sends that statement (a round trip of its own, so that a second statement finds the
-    transaction open). Here BEGIN is queued with the first statement, after which libpq
-    reports the transaction active and psycopg begins none for the statements that follow:
-    the pipeline's one Sync ends them all.
-
-    These are psycopg's internals (`command_queue`, `_communicate_gen`, `_exit_gen`,
-    `_sync_gen`): a psycopg without them is left to do it its own way."""
-    hooks: dict[str, Any] = {}
-    try:
-        with driver.pipeline() as pipeline:
-            hooks["_communicate_gen"] = functools.partial(_queue_only, pipeline)
-            hooks["_exit_gen"] = functools.partial(_synced_exit, pipeline)
-            if begins:
-                hooks["_sync_gen"] = _nothing
-            if isinstance(getattr(pipeline, "command_queue", None), deque) and all(
-                hasattr(pipeline, name) for name in [*hooks, "_enqueue_sync", "_fetch_gen"]
-            ):
-                vars(pipeline).update(hooks)
-            else:
-                hooks.clear()
-            yield
-    finally:
-        for name in hooks:  # (kept until psycopg's own exit has sent and read everything)
-            vars(pipeline).pop(name, None)
-
-
-def _queue_only(pipeline) -> Iterator[None]:
-    while pipeline.command_queue:
-        pipeline.command_queue.popleft()()  # PQsend…: into libpq's buffer
-    return
-    yield  # a generator, as the method it stands in for
-
-
-def _synced_exit(pipeline) -> Iterator[None]:
-    """psycopg's own exit (a Sync, then every answer read) without its Flush request."""
-    from psycopg.generators import send  # PostgreSQL only: psycopg is there
-
-    try:
-        pipeline._enqueue_sync()
-        yield from _queue_only(pipeline)
-        yield from send(pipeline.pgconn)  # what the Sync's flush left: usually nothing
-    finally:
-        yield from pipeline._fetch_gen(flush=False)
-
-
-def _nothing() -> Iterator[None]:
-    return
-    yield  # a generator, as the method it stands in for
 
 
 def _outcome(step: _Step, cursor) -> list:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_TOKEN, INDEX_KEY, KEY, make_config, to_toml
+from conftest import API_TOKEN, INDEX_KEY, KEY, PG_SKIP, make_config, pg_schema, to_toml
 from fakes import wait_until
 from prometheus_client import REGISTRY
 from sqlalchemy import event as sqlalchemy_event
@@ -920,11 +920,12 @@ def test_on_postgresql_statements_the_session_lost_cost_one_delivery_a_second_lo
     assert count(pg_runtime, events) == 4 and len(message_rows(pg_runtime)) == 4
 
 
-def test_on_postgresql_without_psycopgs_internals_the_writes_go_through_its_cursor(
+def test_on_postgresql_without_psycopgs_internals_the_work_goes_through_its_cursor(
     pg_runtime, monkeypatch
 ):
-    """`core/libpq.py` leans on psycopg internals; a psycopg without them still gets each new
-    order's writes and COMMIT in one round trip, through its own pipeline and cursor."""
+    """`core/libpq.py` leans on psycopg internals; with a psycopg without them, the look-ups
+    and the writes with COMMIT go through psycopg's own cursor and pipeline, and are applied
+    all the same (the reads checked again: the test below)."""
     monkeypatch.setattr(libpq, "PostgresQuery", None)
     ingest(pg_runtime, [new_order(1)])
     applied, redone = rehearsals("applied"), rehearsals("redone")
@@ -939,3 +940,41 @@ def test_on_postgresql_without_psycopgs_internals_the_writes_go_through_its_curs
     with committer._writing, committer._begin() as conn:  # the session the writes went on
         prepared = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars()
         assert not [name for name in prepared if name.startswith("txsms_")]
+
+
+@pytest.mark.parametrize("internals", [True, False], ids=["libpq", "psycopg"])
+def test_on_postgresql_a_read_after_held_back_writes_is_checked_in_their_round_trip(
+    tmp_path, monkeypatch, internals
+):
+    """A daily cap counts the number's messages after the delivery's own writes are held
+    back: the writes and that count go in one round trip (`libpq.rows`, or psycopg's pipeline
+    without the internals it needs), the count is compared with the rehearsal's, and the
+    delivery is applied."""
+    if PG_SKIP:
+        pytest.skip(PG_SKIP)
+    sent: list[list[str]] = []
+    rows = libpq.rows
+    monkeypatch.setattr(
+        libpq, "rows", lambda conn, s, **kw: sent.append([q for q, _ in s]) or rows(conn, s, **kw)
+    )
+    if not internals:
+        monkeypatch.setattr(libpq, "PostgresQuery", None)
+    with pg_schema() as url:
+        runtime = Runtime(make_config(tmp_path, url, policy={"max_per_day": 1}))
+        runtime.prepare_database(migrate=True)
+        try:
+            ingest(runtime, [order(1)])
+            applied, redone = rehearsals("applied"), rehearsals("redone")
+            sent.clear()
+
+            [second] = ingest(runtime, [order(2)])
+
+            assert second.messages[0].reason == "frequency_cap"
+            assert (rehearsals("applied"), rehearsals("redone")) == (applied + 1, redone)
+            assert sorted(r.status for r in message_rows(runtime)) == ["pending", "skipped"]
+        finally:
+            runtime.close()
+    [statements] = sent
+    assert statements[0] == "SAVEPOINT rehearsal"
+    assert any(q.startswith("INSERT INTO messages") for q in statements)
+    assert any(q.startswith("SELECT count(*)") for q in statements)
