@@ -20,8 +20,9 @@ lost (psycopg deallocates all on a rollback while it has its own prepared, a poo
 may too) fail the next round trip: the names are then forgotten, and the caller's error path
 runs as for any failed statement.
 
-This leans on psycopg's internals (`psycopg._queries.PostgresQuery`, its generators): without
-them `sent` returns False (`read` and `rows` None), and the caller goes through psycopg.
+This leans on psycopg's internals (`psycopg._queries.PostgresQuery`, its generators), probed
+at import: without them, or with them changed, `sent` returns False (`read` and `rows` None)
+and the caller goes through psycopg's own cursor.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ try:  # PostgreSQL only: psycopg's pieces, as psycopg 3.2 and 3.3 have them
     from psycopg.adapt import Transformer
     from psycopg.generators import fetch_many, send
     from psycopg.pq import ExecStatus
-except ImportError:  # pragma: no cover - without psycopg there is no PostgreSQL to talk to
+
+    # Internals may change shape in a later psycopg: one that does is not used at all (a
+    # delivery half sent and then failing on Python's side would be worse than slower).
+    _probe = PostgresQuery(Transformer())
+    _probe.convert("SELECT %(a)s", {"a": 1})
+    if _probe.query != b"SELECT $1" or len(_probe.params) != 1 or len(_probe.types) != 1:
+        raise ImportError("psycopg's PostgresQuery is not what core/libpq.py expects")
+    if not all(hasattr(Transformer, name) for name in ("set_pgresult", "load_rows")):
+        raise ImportError("psycopg's Transformer is not what core/libpq.py expects")
+    del _probe
+except Exception:  # without psycopg (or these pieces), psycopg's own cursor serves
     PostgresQuery = None
 
 #: Where a connection's session state lives in SQLAlchemy's `connection.info`.

@@ -33,6 +33,13 @@ def conn() -> Iterator[Connection]:
         engine.dispose()
 
 
+def test_the_installed_psycopg_has_what_this_module_leans_on():
+    """Its internals are probed at import, and a psycopg whose internals changed shape is
+    not used at all (everything then goes through its cursor, correct but slower): this
+    says so when an upgrade does that, instead of the receivers slowing down unnoticed."""
+    assert libpq.PostgresQuery is not None
+
+
 def send(conn: Connection, *statements: tuple[str, dict]) -> bool:
     """`statements` and their COMMIT, as a delivery's writes go: in a transaction SQLAlchemy
     began (and rolls back if they fail) but that nothing has opened on the server yet."""
