@@ -1,6 +1,7 @@
-"""`core/libpq.py`: writes sent straight through libpq in one round trip, on the real
-PostgreSQL. What the server holds (`pg_prepared_statements`, the rows) is the evidence, not
-what the module believes."""
+"""`core/libpq.py`: statements sent straight through libpq, on the real PostgreSQL. What the
+server holds (`pg_prepared_statements`, the rows) is the evidence, not what the module
+believes. (That a delivery's statements go in one round trip, sent whole, libpq's protocol
+trace shows in `test_rehearsal.py`.)"""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def rows(conn: Connection, table: str) -> list[tuple]:
         return [tuple(r) for r in conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY n")]
 
 
-def test_writes_and_their_commit_go_in_one_round_trip_with_values_as_psycopg_adapts_them(conn):
+def test_writes_and_their_commit_are_applied_with_values_as_psycopg_adapts_them(conn):
     assert send(
         conn,
         (INSERT_A, {"n": 1, "s": "Ada", "f": 2.5, "b": b"\x00\xff"}),
