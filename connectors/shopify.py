@@ -29,6 +29,7 @@ import requests
 from txsms.connectors import common
 from txsms.connectors.base import LOCALE, Delivery, as_dict, epoch, hmac_b64
 from txsms.connectors.base import Connector as _Base
+from txsms.core import jsoncodec
 from txsms.core.cliutil import config_option, load, open_runtime
 from txsms.core.config import Config
 from txsms.core.errors import PayloadError, SignatureError
@@ -116,7 +117,7 @@ class Connector(_Base):
 
     def events(self, delivery: Delivery, body: bytes) -> list[Event]:
         try:
-            payload = json.loads(body)  # exact for ids above 2**53, unlike JavaScript
+            payload = jsoncodec.loads(body)  # exact for ids above 2**53, unlike JavaScript
         except (ValueError, UnicodeDecodeError):
             raise PayloadError("body is not valid JSON") from None
         if not isinstance(payload, dict):

@@ -32,6 +32,7 @@ from sqlalchemy import select
 from txsms.connectors import common
 from txsms.connectors.base import LOCALE, Delivery, as_dict, epoch, hmac_b64
 from txsms.connectors.base import Connector as _Base
+from txsms.core import jsoncodec
 from txsms.core.cliutil import config_option, load, open_runtime
 from txsms.core.config import Config
 from txsms.core.errors import PayloadError, SignatureError
@@ -209,7 +210,7 @@ class Connector(_Base):
 
     def events(self, delivery: Delivery, body: bytes) -> list[Event]:
         try:
-            payload = json.loads(body)
+            payload = jsoncodec.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise PayloadError("body is not JSON") from None
         if not isinstance(payload, dict):

@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from txsms.core import jsoncodec
 from txsms.core.config import SecurityConfig
 from txsms.core.errors import TxsmsError
 
@@ -69,7 +70,7 @@ class Vault:
 
     def decrypt_json(self, token: bytes | None) -> Any:
         text = self.decrypt(token)
-        return None if text is None else json.loads(text)
+        return None if text is None else jsoncodec.loads(text)
 
     def rotate(self, token: bytes) -> bytes:
         return self._fernet.rotate(bytes(token))

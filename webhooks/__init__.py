@@ -13,9 +13,11 @@ import os
 import sys
 
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from txsms.core import jsoncodec
 from txsms.core.config import Config
 from txsms.core.metrics import WEBHOOKS
 from txsms.core.runtime import Runtime, StartupError, start
@@ -40,6 +42,7 @@ def create_app(
         root_path=os.path.dirname(__file__),
         instance_path=os.path.abspath(runtime.config.storage.data_dir),
     )
+    app.json = _JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
     app.extensions["txsms"] = runtime
 
@@ -78,6 +81,13 @@ def create_app(
         return response
 
     return app
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Flask's, reading request bodies as the connectors do (`txsms.core.jsoncodec`)."""
+
+    def loads(self, s: str | bytes, **kwargs):
+        return jsoncodec.loads(s) if not kwargs else super().loads(s, **kwargs)
 
 
 #: gunicorn's exit status for an app that cannot load: its master stops ("App failed to
