@@ -415,7 +415,7 @@ def test_send_never_raises(twilio, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError(f"bug with {AUTH_TOKEN} and {TO}")
 
-    monkeypatch.setattr(twilio.session, "post", broken)
+    monkeypatch.setattr(twilio.session, "send", broken)
     result = twilio.send(MSG)
     assert result.outcome is Outcome.UNKNOWN
     assert_no_secrets(result)

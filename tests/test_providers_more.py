@@ -30,6 +30,8 @@ from fakes.providers import (
     plivo_v3_sign,
     vonage_sign,
 )
+from fakes.twilio import FakeTwilio
+from fakes.twilio import Reply as TwilioReply
 from sqlalchemy import select
 
 from txsms.core import consent
@@ -759,3 +761,45 @@ def test_unsigned_receipt_is_403(runtime, client, fake):
         hook = replace(hook, headers={k: v for k, v in hook.headers.items() if k == "Content-Type"})
     assert hook.send(client).status_code == 403
     assert row(runtime).status == "sent"
+
+
+# -- the request on the wire: what requests itself would send -----------------------------------
+
+WIRE_MESSAGES = [
+    OutgoingMessage("m1", PHONE, "Your order #1001 has shipped.", 1, "GSM-7"),
+    OutgoingMessage("m2", PHONE, "Zoë & Co: 50% off = £5 + a ✓? /path?a=b#c", 1, "UCS-2"),
+    OutgoingMessage("m3", PHONE, "a" * 400, 3, "GSM-7"),
+]
+
+
+@pytest.mark.parametrize("kind", ["twilio", *sorted(FAKES)])
+def test_each_send_is_byte_for_byte_what_session_post_sends(kind):
+    """The provider prepares a send's request itself (`HttpProvider._prepare`): its method,
+    path, headers and body, as the provider's fake receives them, are those of
+    `session.post` with the same arguments."""
+    with (FakeTwilio if kind == "twilio" else FAKES[kind])() as fake:
+        provider = provider_of(fake)
+        for message in WIRE_MESSAGES:
+            assert provider.send(message).outcome is Outcome.SENT
+            url, body = provider.build_request(message)
+            provider.session.post(url, **body, timeout=5, allow_redirects=False)
+        requests_ = fake.requests
+        assert len(requests_) == 2 * len(WIRE_MESSAGES)
+        for ours, theirs in zip(requests_[::2], requests_[1::2], strict=True):
+            assert (ours.method, ours.path, ours.body) == (theirs.method, theirs.path, theirs.body)
+            assert {k.lower(): v for k, v in ours.headers.items()} == {
+                k.lower(): v for k, v in theirs.headers.items()
+            }
+        provider.close()
+
+
+def test_a_cookie_the_provider_sets_is_sent_back_as_requests_would():
+    with FakeTwilio() as fake:
+        provider = provider_of(fake)
+        fake.script(TwilioReply(201, headers={"Set-Cookie": "lb=node-7; Path=/"}))
+        assert provider.send(WIRE_MESSAGES[0]).outcome is Outcome.SENT
+        assert "Cookie" not in fake.requests[0].headers
+        assert provider.send(WIRE_MESSAGES[1]).outcome is Outcome.SENT
+        assert fake.requests[1].headers["Cookie"] == "lb=node-7"
+        assert fake.requests[1].form["Body"] == WIRE_MESSAGES[1].body
+        provider.close()
