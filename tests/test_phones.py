@@ -6,6 +6,7 @@ import phonenumbers
 import pytest
 from phonenumbers import timezone as pn_timezone
 
+from txsms.core import phones
 from txsms.core.phones import PhoneError, normalize
 
 LONDON = ("Europe/Guernsey", "Europe/Isle_of_Man", "Europe/Jersey", "Europe/London")
@@ -51,3 +52,20 @@ def test_unusable_numbers_say_why(raw, reason):
 
 def test_the_events_country_beats_the_senders_region():
     assert normalize("0412 345 678", "US", "au").e164 == "+61412345678"
+
+
+def test_numbers_met_again_are_not_parsed_again():
+    """The parse is kept for as many numbers as a process keeps familiar (whose blind index
+    comes from the parsed number): meeting 2,000 customers again parses none of them."""
+    from txsms.core.pipeline import FAMILIAR_NUMBERS
+
+    assert phones.PARSED_NUMBERS >= FAMILIAR_NUMBERS
+    areas = ["415", "212", "312", "617", "206", "303", "512", "702", "404", "503"]
+    areas += ["213", "305", "713", "602", "215", "619", "210", "214", "408", "904"]
+    raw = [f"+1 {a} 555 01{i:02d}" for a in areas for i in range(100)]
+    phones._parse.cache_clear()
+    first = [phones.normalize(number, "US") for number in raw]
+    misses = phones._parse.cache_info().misses
+    assert misses == len(raw) == 2000
+    assert [phones.normalize(number, "US") for number in raw] == first
+    assert phones._parse.cache_info().misses == misses
