@@ -56,7 +56,7 @@ def normalize(raw: str | None, default_region: str, country_hint: str | None = N
 
 #: Numbers whose parse is kept: as many as the numbers a process keeps as familiar
 #: (`pipeline.FAMILIAR_NUMBERS`), whose blind index is worked out from the parsed number, so a
-#: familiar number costs no parse (32 µs; about 450 bytes an entry, 4.5 MB when full).
+#: familiar number costs no parse (32 µs; about 400 bytes an entry, 4 MB when full).
 PARSED_NUMBERS = 10_000
 
 
