@@ -162,7 +162,7 @@ def _locale(name: str) -> Locale:
     """Babel's locale for a recipient's (Babel wants fr_CA, not fr-CA); en_US for one it does
     not know. Kept: parsing one costs a fifth of formatting an amount."""
     try:
-        return Locale.parse(str(name).replace("-", "_"))
+        return Locale.parse(name.replace("-", "_"))
     except (ValueError, UnknownLocaleError):
         return Locale.parse("en_US")
 
