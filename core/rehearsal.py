@@ -42,7 +42,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 
 from txsms.core import libpq
-from txsms.core.storage import INSERT_IGNORE, after_commit, for_driver
+from txsms.core.storage import INSERT_IGNORE, after_commit, driver_sql, for_driver
 from txsms.core.storage import note as storage_note
 
 
@@ -157,7 +157,7 @@ class Rehearsal:
         if (strict := statement.get_execution_options().get(INSERT_IGNORE)) is not None:
             strict_sql = None
             if self.in_transaction and self.dialect.name == "postgresql":
-                strict_sql = for_driver(self.dialect, strict, parameters)[0]
+                strict_sql = driver_sql(self.dialect, strict, parameters or {})
             self.steps.append(_Step(sql, params, inserts=True, strict_sql=strict_sql))
             return _Inserted()
         # RETURNING: its rows decide what comes next. (`_returning`, because the public

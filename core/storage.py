@@ -17,7 +17,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -770,7 +770,10 @@ def for_driver(dialect, statement, params: dict | None) -> tuple[str, dict | tup
     expanding IN, a column default that is not a constant)."""
     params = params or {}
     sql, binds = _compiled_for_driver(dialect, statement, tuple(params))
-    values = binds.construct_params(params)
+    if binds.direct is not None:
+        values = {name: params[key] for name, key in binds.direct}
+    else:
+        values = binds.construct_params(params)
     values.update(binds.defaults)  # only columns not given have one: they are compiled in
     for name, process in binds.processors.items():
         if values.get(name) is not None:
@@ -780,12 +783,24 @@ def for_driver(dialect, statement, params: dict | None) -> tuple[str, dict | tup
     return sql, values
 
 
+def driver_sql(dialect, statement, keys: Iterable[str]) -> str:
+    """The SQL text `for_driver` gives for `statement` with parameters named `keys`, without
+    working out their values."""
+    return _compiled_for_driver(dialect, statement, tuple(keys))[0]
+
+
 @dataclass(frozen=True)
 class _DriverBinds:
     construct_params: Callable[[dict], dict]
     defaults: dict[str, Any]  # columns' own defaults, which SQLAlchemy fills at execute
     processors: dict[str, Callable]
     positions: list[str] | None  # the names in order, for a positional paramstyle
+    # (name in the SQL, key in the parameters) of every bind when each takes its value from
+    # the parameters or from `defaults`, as an insert's or an update's do: their values
+    # without SQLAlchemy's `construct_params`, which checks every bind for every case (a
+    # fifth of the time of a statement's `for_driver`, and a delivery runs five). None
+    # where some bind has a value of its own (a literal in a WHERE).
+    direct: tuple[tuple[str, str], ...] | None
 
 
 @functools.lru_cache(maxsize=256)
@@ -805,8 +820,14 @@ def _compiled_for_driver(dialect, statement, keys: tuple[str, ...]) -> tuple[str
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             processors[compiled.escaped_bind_names.get(key, key)] = process
+    names = [
+        (compiled.escaped_bind_names.get(name, name), bind.key)
+        for bind, name in compiled.bind_names.items()
+    ]
+    given = [(name, key) for name, key in names if name not in defaults]
+    direct = tuple(given) if all(key in keys for _, key in given) else None
     return compiled.string, _DriverBinds(
-        compiled.construct_params, defaults, processors, compiled.positiontup
+        compiled.construct_params, defaults, processors, compiled.positiontup, direct
     )
 
 

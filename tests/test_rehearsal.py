@@ -4,6 +4,7 @@ never a write outside the lock, never a decision made on stale reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -508,6 +509,39 @@ def test_statements_for_the_driver_carry_defaults_bind_processing_and_order(sqli
     assert for_driver(dialect, lookup, {"ids": ["a", "b"]})[1] == ('["a", "b"]',)  # as JSON
     with pytest.raises(ValueError, match="any_of"):
         for_driver(dialect, select(events.c.id).where(events.c.kind.in_(["a", "b"])), None)
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_values_taken_straight_from_the_parameters_are_sqlalchemys(dialect_name, monkeypatch):
+    """`for_driver` reads an insert's or an update's values straight from its parameters
+    (`_DriverBinds.direct`); SQLAlchemy's `construct_params` gives the same, for statements
+    with defaults not given, a None given, bytes, and a literal in a WHERE (which takes
+    SQLAlchemy's path)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from txsms.core import outbox, storage
+
+    dialect = sqlite.dialect() if dialect_name == "sqlite" else postgresql.psycopg.dialect()
+    message = {"id": "m1", "event_id": None, "source": "api", "kind": "k", "attempts": None}
+    event = {"id": "e1", "source": "shopify:x", "key": "order:1:created", "kind": "k"}
+    event |= {"payload_enc": b"\x00token", "occurred_at": 1.5, "received_at": 2.5}
+    cases = [
+        (_insert_ignore_stmt(dialect_name, messages, ("id",)), message),
+        (_insert_ignore_stmt(dialect_name, events, ("source", "key")), event),
+        (outbox._UPDATE, {"_id": "m1", "status": "sent", "reason": None, "segments": 2}),
+        (select(messages.c.id).where(messages.c.status == "sending", messages.c.id == "m1"), {}),
+    ]
+    compiled = storage._compiled_for_driver
+    ours = [storage.for_driver(dialect, statement, row) for statement, row in cases]
+    direct = [compiled(dialect, statement, tuple(row))[1].direct for statement, row in cases]
+    assert [d is not None for d in direct] == [True, True, True, False]
+
+    def sqlalchemys(*args):
+        sql, binds = compiled(*args)
+        return sql, dataclasses.replace(binds, direct=None)
+
+    monkeypatch.setattr(storage, "_compiled_for_driver", sqlalchemys)
+    assert [storage.for_driver(dialect, statement, row) for statement, row in cases] == ours
 
 
 def test_a_statement_the_driver_path_does_not_cover_is_not_rehearsed(sqlite_runtime):
