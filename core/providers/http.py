@@ -100,11 +100,7 @@ class HttpProvider(Provider):
         text values is encoded directly (as requests encodes it: None values left out). Any
         other body (JSON, lists) goes through requests' own `prepare_body`, and once the
         provider has set a cookie, which requests would send back, everything does."""
-        template = None if self.session.cookies else self._templates.get(url)
-        if template is None and not self.session.cookies and len(self._templates) < MAX_TEMPLATES:
-            template = self._templates[url] = self.session.prepare_request(
-                requests.Request("POST", url)
-            )
+        template = self._template(url)
         if template is None:
             return self.session.prepare_request(requests.Request("POST", url, **body))
         request = template.copy()
@@ -117,6 +113,18 @@ class HttpProvider(Provider):
         else:
             request.prepare_body(form, None, body.get("json"))
         return request
+
+    def _template(self, url: str) -> requests.PreparedRequest | None:
+        """What every request to `url` shares, prepared once by requests; None once the
+        provider has set a cookie, or for a URL beyond the first `MAX_TEMPLATES`."""
+        if self.session.cookies:
+            return None
+        template = self._templates.get(url)
+        if template is None and len(self._templates) < MAX_TEMPLATES:
+            template = self._templates[url] = self.session.prepare_request(
+                requests.Request("POST", url)
+            )
+        return template
 
     def _classify(self, resp: requests.Response, message: OutgoingMessage) -> ProviderResult:
         try:
